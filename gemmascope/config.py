@@ -1,0 +1,197 @@
+"""Typed, frozen configs for every stage, loaded from YAML with `key=value` overrides.
+
+Each section is a frozen dataclass whose field comments say what the field is for;
+`__post_init__` rejects impossible values with the key and the value, and the loader
+adds the file name, so any mistake is reported as one line before work starts.
+Checks that need the model (a layer past the last one) live in `check_against_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from gemmascope.errors import ConfigError, InvalidValue
+from gemmascope.models.sites import SITES
+from gemmascope.typed_yaml import apply_override, from_mapping, to_mapping
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # "gemma3-270m" (bundled weights), "tiny-gemma2" (random, for tests), a Hugging Face
+    # id such as "google/gemma-2-2b", a local or gs:// directory of safetensors, or a .gguf file.
+    source: str = "gemma3-270m"
+    # "auto": bfloat16 on a GPU, float32 on a CPU (CPUs run bf16 matmuls slowly).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # "auto": CUDA when a GPU is visible to the worker, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Hugging Face revision (branch, tag or commit) for hub ids; ignored otherwise.
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.source.strip():
+            raise InvalidValue("source", self.source, "empty model source")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    # Globs of .txt (one document per file), .jsonl and .parquet files, local or gs://.
+    paths: tuple[str, ...] = ()
+    # "pydoc": the offline demo corpus, the standard library's documentation as rendered
+    # by pydoc; it exists on every machine with Python. Exclusive with `paths`.
+    builtin: Literal["pydoc"] | None = None
+    # Field holding the text in .jsonl records and .parquet columns.
+    text_field: str = "text"
+    # Pieces (files, Parquet row groups, pydoc modules) per source shard; a source shard
+    # is the unit of tokenisation work.
+    pieces_per_shard: int = 1
+
+    def __post_init__(self) -> None:
+        if bool(self.paths) == (self.builtin is not None):
+            raise InvalidValue(
+                "paths", list(self.paths), "give exactly one of source.paths and source.builtin"
+            )
+        if self.pieces_per_shard < 1:
+            raise InvalidValue("pieces_per_shard", self.pieces_per_shard, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    # Sites to capture (SPEC.md section 1): res, mlp, att, mlp_in.
+    sites: tuple[str, ...] = ("res", "mlp", "att")
+    # Zero-indexed decoder layers, or "all".
+    layers: tuple[int, ...] | Literal["all"] = "all"
+    # Tokens per packed sequence, BOS included (Gemma Scope: 1,024).
+    context_length: int = 1024
+    # Sequences per forward pass.
+    batch_size: int = 8
+    # Stop after this many stored activation rows (per array); null: the whole corpus.
+    max_tokens: int | None = None
+    # On-disk dtype of activations; bfloat16 halves storage, float32 is exact.
+    store_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # zarr3 (TensorStore, the store the trainer reads) or parquet (for Arrow tools).
+    output_format: Literal["zarr3", "parquet"] = "zarr3"
+    # Rows per work unit; a unit owns whole storage shards so writers never share objects.
+    unit_rows: int = 262144
+    # Rows per storage object (zarr3 shard, Parquet file row group).
+    shard_rows: int = 16384
+    # Rows per inner chunk: the block size of random reads.
+    chunk_rows: int = 1024
+    # Model workers; null: one per GPU in the cluster, or CPUs / cpus_per_worker without GPUs.
+    workers: int | None = None
+    # CPUs each worker reserves (and torch threads it uses on a CPU).
+    cpus_per_worker: int = 2
+    # GPUs each worker reserves when the cluster has GPUs.
+    gpus_per_worker: float = 1.0
+    # Attempts per work unit before the harvest stops with the unit's error.
+    max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sites if s not in SITES]
+        if unknown:
+            raise InvalidValue("sites", unknown[0], f"unknown site (known: {', '.join(SITES)})")
+        if not self.sites:
+            raise InvalidValue("sites", [], "no sites requested")
+        if len(set(self.sites)) != len(self.sites):
+            raise InvalidValue("sites", list(self.sites), "a site is listed twice")
+        if self.layers != "all":
+            if not self.layers:
+                raise InvalidValue("layers", [], "no layers requested")
+            for i, layer in enumerate(self.layers):
+                if layer < 0:
+                    raise InvalidValue(f"layers[{i}]", layer, "layer must be >= 0")
+            if len(set(self.layers)) != len(self.layers):
+                raise InvalidValue("layers", list(self.layers), "a layer is listed twice")
+        positive = {
+            "context_length": (self.context_length, 2),
+            "batch_size": (self.batch_size, 1),
+            "unit_rows": (self.unit_rows, 1),
+            "shard_rows": (self.shard_rows, 1),
+            "chunk_rows": (self.chunk_rows, 1),
+            "cpus_per_worker": (self.cpus_per_worker, 1),
+            "max_attempts": (self.max_attempts, 1),
+        }
+        for key, (value, low) in positive.items():
+            if value < low:
+                raise InvalidValue(key, value, f"must be >= {low}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidValue("max_tokens", self.max_tokens, "must be >= 1")
+        if self.workers is not None and self.workers < 1:
+            raise InvalidValue("workers", self.workers, "must be >= 1")
+        if self.gpus_per_worker <= 0:
+            raise InvalidValue("gpus_per_worker", self.gpus_per_worker, "must be > 0")
+        if self.shard_rows % self.chunk_rows:
+            raise InvalidValue("shard_rows", self.shard_rows, "must be a multiple of chunk_rows")
+        if self.unit_rows % self.shard_rows:
+            raise InvalidValue("unit_rows", self.unit_rows, "must be a multiple of shard_rows")
+
+
+@dataclass(frozen=True)
+class Config:
+    # Where every output of the run goes: a local path, file://, gs:// or memory:// URL.
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    source: SourceConfig = field(default_factory=lambda: SourceConfig(builtin="pydoc"))
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    # The file this config came from (for error messages); not part of its identity.
+    origin: str = field(default="<defaults>", compare=False)
+
+    def harvest_fingerprint(self) -> str:
+        """A hash of everything that decides the harvested rows, for safe resumes."""
+        identity = {
+            "model": to_mapping(self.model),
+            "source": to_mapping(self.source),
+            "harvest": {
+                k: v
+                for k, v in to_mapping(self.harvest).items()
+                if k not in ("workers", "cpus_per_worker", "gpus_per_worker", "max_attempts")
+            },
+        }
+        blob = json.dumps(identity, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _parse_override(text: str, source: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{source}: override {text!r}: expected key=value")
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return key.strip(), raw
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply `key=value` overrides, and validate everything."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except OSError as err:
+        raise ConfigError(f"{source}: cannot read config file ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML{where}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    for item in overrides:
+        key, value = _parse_override(item, source)
+        apply_override(data, key, value)
+    data["origin"] = source
+    return from_mapping(Config, data, source=source)
+
+
+def replace(config: Config, **sections: object) -> Config:
+    """`dataclasses.replace` for the top-level config (re-validates nothing below)."""
+    return dataclasses.replace(config, **sections)

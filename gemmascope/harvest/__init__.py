@@ -1,0 +1,1 @@
+"""Harvest: text -> packed token sequences -> one forward pass with hooks -> activation store."""

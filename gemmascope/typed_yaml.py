@@ -1,0 +1,118 @@
+"""Turn parsed YAML into frozen, typed dataclasses, and back.
+
+Configs are plain frozen dataclasses with type hints; this module checks every value
+against its hint (no silent coercion except int -> float) so a typo in a config file
+stops the run before any work starts, with the file, the dotted key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union
+
+from gemmascope.errors import ConfigError, InvalidValue
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        return f"list of {_describe(typing.get_args(hint)[0])}"
+    if hint is type(None):
+        return "null"
+    if dataclasses.is_dataclass(hint):
+        return "mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if any(type(value) is type(a) and value == a for a in typing.get_args(hint)):
+            return value
+        raise _type_error(source, key, value, hint)
+    if origin in (Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            try:
+                return _convert(arm, value, key, source)
+            except ConfigError:
+                continue
+        raise _type_error(source, key, value, hint)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _type_error(source, key, value, hint)
+        (item,) = typing.get_args(hint)[:1]
+        return tuple(_convert(item, v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if hint is type(None):
+        if value is None:
+            return None
+        raise _type_error(source, key, value, hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise _type_error(source, key, value, hint)
+        return from_mapping(hint, value, source=source, prefix=f"{key}.")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise _type_error(source, key, value, hint)
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(source, key, value, hint)
+    if hint in (str, bool):
+        if isinstance(value, hint):
+            return value
+        raise _type_error(source, key, value, hint)
+    raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def _type_error(source: str, key: str, value: Any, hint: Any) -> ConfigError:
+    return ConfigError(f"{source}: {key}={value!r}: expected {_describe(hint)}")
+
+
+def from_mapping(cls: type, data: dict, *, source: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"{source}: {prefix}{key}={data[key]!r}: unknown key (known: {', '.join(sorted(fields))})"
+        )
+    kwargs = {
+        name: _convert(hints[name], value, f"{prefix}{name}", source)
+        for name, value in data.items()
+    }
+    try:
+        return cls(**kwargs)
+    except InvalidValue as err:
+        raise ConfigError(f"{source}: {prefix}{err.key}={err.value!r}: {err.reason}") from None
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def to_mapping(obj: Any) -> Any:
+    """The inverse of `from_mapping`: plain dicts, lists and scalars (for JSON and YAML)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_mapping(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_mapping(v) for v in obj]
+    return obj
+
+
+def apply_override(data: dict, dotted_key: str, value: Any) -> None:
+    """Set `a.b.c` in nested dicts, creating intermediate mappings as needed."""
+    *parents, leaf = dotted_key.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted_key}: {part} is not a mapping")
+        node = child
+    node[leaf] = value
