@@ -206,3 +206,21 @@ def download_dir(url: str, target: Path) -> Path:
     with_retries(lambda: fs.get(path.rstrip("/") + "/", str(staging), recursive=True), what=url)
     os.replace(staging, target)
     return target
+
+
+def publish_local_file(local_path: str, url: str) -> None:
+    """Move a finished local file to `url` atomically (rename locally, one upload remotely)."""
+    if scheme(url) == "file":
+        target = normalize(url)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        staging = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
+        # Copy into the target's directory first: a rename is atomic only within one filesystem.
+        with open(local_path, "rb") as src, open(staging, "wb") as dst:
+            while block := src.read(1 << 24):
+                dst.write(block)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(staging, target)
+        return
+    fs, path = filesystem(url)
+    with_retries(lambda: fs.put_file(local_path, path), what=url)

@@ -1,0 +1,79 @@
+"""The `gemmascope` command line: thin entry points over the pipeline's stages.
+
+Every command exits 2 with one line on bad input (a `UserError`) and keeps tracebacks
+for real bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from gemmascope.errors import UserError
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _harvest(args: argparse.Namespace) -> None:
+    from gemmascope.config import load_config
+    from gemmascope.harvest.driver import run_harvest
+
+    config = load_config(args.config, args.overrides)
+    summary = run_harvest(config, ray_address=args.ray_address, progress=not args.no_progress)
+    print(summary.line())
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from gemmascope.config import load_config
+    from gemmascope.harvest.driver import run_harvest
+
+    path = REPO_CONFIGS / "demo.yaml"
+    config = load_config(path, [f"run_dir={args.out}"])
+    logging.getLogger("gemmascope").info("demo: harvesting %s into %s", path.name, args.out)
+    summary = run_harvest(config, ray_address=args.ray_address, progress=not args.no_progress)
+    print(summary.line())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemmascope", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    harvest = commands.add_parser("harvest", help="harvest activations into RUN/activations (resumable)")
+    harvest.add_argument("config", help="YAML config file")
+    harvest.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. harvest.layers=[3,6]")
+    harvest.add_argument("--ray-address", default=None, help="attach to this Ray cluster ('auto' for the local one); default: start one")
+    harvest.add_argument("--no-progress", action="store_true", help="no progress bars")
+    harvest.set_defaults(run=_harvest)
+
+    demo = commands.add_parser("demo", help="the pipeline on Gemma 3 270M and the offline demo corpus")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    demo.add_argument("--ray-address", default=None, help=argparse.SUPPRESS)
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(run=_demo)
+
+    bench = commands.add_parser("bench", help="throughput benchmarks that print JSON")
+    bench_commands = bench.add_subparsers(dest="benchmark", required=True)
+    from gemmascope.bench import add_benchmarks
+
+    add_benchmarks(bench_commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UserError as err:
+        print(f"gemmascope: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gemmascope: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The Ray side of the harvest: one model actor per GPU (or per `cpus_per_worker` CPUs).
+
+Actors restart when their process dies (the driver re-queues the unit); the driver, not
+Ray, decides how often a unit is retried, so a failing unit ends the run with its error
+instead of looping.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from gemmascope.config import Config
+from gemmascope.harvest.sources import SourceShard
+from gemmascope.store.layout import Layout, ShardStats
+
+# Variables that point clients at emulators, caches and credentials; workers need the
+# driver's values even when they run on a cluster started elsewhere.
+FORWARDED_ENV = (
+    "STORAGE_EMULATOR_HOST",
+    "TENSORSTORE_GCS_HTTP_URL",
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+    "GEMMASCOPE_CACHE",
+    "HF_TOKEN",
+    "HF_HUB_OFFLINE",
+)
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+def connect(address: str | None) -> None:
+    """Attach to `address` (or RAY_ADDRESS), else start a local cluster; no-op if connected."""
+    if ray.is_initialized():
+        return
+    import logging
+
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+        runtime_env={"env_vars": forwarded_env()},
+    )
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class HarvestActor:
+    def __init__(self, config: Config, activations: str, threads: int):
+        import torch
+
+        from gemmascope.harvest.worker import HarvestWorker
+
+        if not torch.cuda.is_available() or config.model.device == "cpu":
+            torch.set_num_threads(threads)
+        self.worker = HarvestWorker(config, activations)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def tokenize_shard(self, shard: SourceShard) -> ShardStats:
+        return self.worker.tokenize_shard(shard)
+
+    def harvest_unit(self, unit: int, layout: Layout):
+        return self.worker.harvest_unit(unit, layout)
+
+
+def actor_options(config: Config) -> tuple[int, dict]:
+    """How many actors to start and the resources each reserves."""
+    resources = ray.cluster_resources()
+    h = config.harvest
+    gpus = resources.get("GPU", 0.0)
+    if gpus and config.model.device != "cpu":
+        count = h.workers or max(1, int(gpus // h.gpus_per_worker))
+        return count, {"num_gpus": h.gpus_per_worker, "num_cpus": 1}
+    cpus = max(1, int(resources.get("CPU", 1)))
+    per_worker = min(h.cpus_per_worker, cpus)
+    count = h.workers or max(1, cpus // per_worker)
+    return count, {"num_cpus": per_worker}

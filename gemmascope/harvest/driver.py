@@ -1,0 +1,249 @@
+"""The harvest driver: plan the rows, hand work to Ray actors, commit results to the ledger.
+
+Phase 1 tokenises source shards (in order, in parallel waves, only as many as the token
+budget needs) and fixes the row layout. Phase 2 runs the work units. After each
+finished shard or unit the ledger is rewritten atomically, so killing the driver (or any
+worker) at any moment loses at most the work in flight, and rerunning the same command
+continues from the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from tqdm import tqdm
+
+from gemmascope import storage
+from gemmascope.config import Config
+from gemmascope.errors import ConfigError, UserError
+from gemmascope.harvest.actors import HarvestActor, actor_options, connect
+from gemmascope.harvest.sources import SourceShard, list_shards
+from gemmascope.harvest.worker import resolve_keys
+from gemmascope.models.loading import ModelInfo, model_info
+from gemmascope.models.sites import site_width
+from gemmascope.store import paths
+from gemmascope.store.arrays import create_array
+from gemmascope.store.layout import Layout
+from gemmascope.store.ledger import HarvestLedger
+from gemmascope.typed_yaml import to_mapping
+
+log = logging.getLogger("gemmascope.harvest")
+
+
+@dataclass(frozen=True)
+class HarvestSummary:
+    activations: str
+    rows: int  # rows per array
+    arrays: int
+    bytes: int
+    seconds: float
+    units_run: int
+    tokens_per_s: float  # rows harvested by this invocation per second of phase 2
+
+    def line(self) -> str:
+        return (f"harvest complete: {self.rows:,} rows x {self.arrays} arrays, "
+                f"{self.bytes / 2**30:.2f} GiB in {self.activations} "
+                f"({self.units_run} units run now, {self.tokens_per_s:,.0f} tokens/s, {self.seconds:.1f} s)")
+
+
+def check_layers(config: Config, info: ModelInfo) -> None:
+    """The model-dependent config checks: every layer must exist."""
+    if config.harvest.layers == "all":
+        return
+    for i, layer in enumerate(config.harvest.layers):
+        if layer >= info.n_layers:
+            raise ConfigError(
+                f"{config.origin}: harvest.layers[{i}]={layer}: layer out of range "
+                f"({info.name} has {info.n_layers} layers, 0..{info.n_layers - 1})"
+            )
+
+
+def _header(config: Config, info: ModelInfo) -> dict:
+    h = config.harvest
+    arrays = [
+        {"site": site, "layer": layer, "d_in": site_width(site, info.d_model, info.n_heads, info.head_dim)}
+        for site, layer in resolve_keys(config, info.n_layers)
+    ]
+    return {
+        "identity": {"model": to_mapping(config.model), "source": to_mapping(config.source),
+                     "harvest": {k: v for k, v in to_mapping(h).items()
+                                 if k not in ("workers", "cpus_per_worker", "gpus_per_worker", "max_attempts")}},
+        "model": asdict(info),
+        "arrays": arrays,
+        "storage": {"format": h.output_format, "dtype": h.store_dtype, "unit_rows": h.unit_rows,
+                    "shard_rows": h.shard_rows, "chunk_rows": h.chunk_rows,
+                    "context_length": h.context_length},
+    }
+
+
+class _Pool:
+    """Runs calls on a fixed set of actors, one call per actor at a time."""
+
+    def __init__(self, actors: list):
+        self.idle = deque(actors)
+        self.in_flight: dict = {}  # ObjectRef -> (item, actor)
+
+    def submit(self, item, call) -> None:
+        actor = self.idle.popleft()
+        self.in_flight[call(actor, item)] = (item, actor)
+
+    def wait_one(self):
+        """(item, result or exception) of the next call to finish."""
+        (ref,), _ = ray.wait(list(self.in_flight), num_returns=1)
+        item, actor = self.in_flight.pop(ref)
+        self.idle.append(actor)  # a dead actor restarts; calls queue until it is back
+        try:
+            return item, ray.get(ref)
+        except (RayActorError, RayTaskError) as err:
+            return item, err
+
+
+def _cause(err: Exception) -> BaseException:
+    return getattr(err, "cause", None) or err
+
+
+def _run_all(pool: _Pool, items: list, call, on_done, *, max_attempts: int, what: str) -> None:
+    """Run `call` on every item, retrying failures; user errors stop at once."""
+    queue = deque(items)
+    attempts: dict = {}
+    while queue or pool.in_flight:
+        while queue and pool.idle:
+            pool.submit(queue.popleft(), call)
+        item, result = pool.wait_one()
+        if not isinstance(result, Exception):
+            on_done(item, result)
+            continue
+        cause = _cause(result)
+        if isinstance(cause, UserError):
+            raise cause
+        attempts[item] = attempts.get(item, 0) + 1
+        if attempts[item] >= max_attempts:
+            raise UserError(f"{what} {item} failed {attempts[item]} times; last error: {cause!r}")
+        log.warning("%s %s failed (attempt %d/%d): %r; retrying", what, item, attempts[item], max_attempts, cause)
+        queue.appendleft(item)
+
+
+def run_harvest(config: Config, *, ray_address: str | None = None, progress: bool = True) -> HarvestSummary:
+    began = time.perf_counter()
+    activations = paths.activations_url(config.run_dir)
+    if storage.scheme(activations) == "memory":
+        raise ConfigError(f"{config.origin}: run_dir={config.run_dir!r}: memory:// is private to one process; Ray workers need a path or gs://")
+    info = model_info(config.model)
+    check_layers(config, info)
+    shards = list_shards(config.source)
+    storage.makedirs(activations)
+    storage.check_writable(activations)
+    ledger = HarvestLedger.open_for_harvest(activations, fingerprint=config.harvest_fingerprint(),
+                                            header=_header(config, info))
+    if ledger.complete:
+        log.info("%s is already complete", activations)
+        return _summary(ledger, activations, began, 0, 0.0)
+
+    connect(ray_address)
+    count, options = actor_options(config)
+    threads = int(options.get("num_cpus", 1))
+    actors = [HarvestActor.options(**options).remote(config, activations, threads) for _ in range(count)]
+    log.info("harvest: %d workers (%s), output %s", count, options, activations)
+    pool = _Pool(actors)
+    try:
+        layout = ledger.layout or _tokenize(config, ledger, shards, pool, count, progress)
+        units_run, rows_run, seconds = _harvest_units(config, ledger, layout, activations, pool, progress)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    summary = _summary(ledger, activations, began, units_run, rows_run / seconds if seconds else 0.0)
+    ledger.mark_complete({"rows": summary.rows, "arrays": summary.arrays, "bytes": summary.bytes})
+    ledger.save()
+    return summary
+
+
+def _tokenize(config: Config, ledger: HarvestLedger, shards: list[SourceShard], pool: _Pool,
+              workers: int, progress: bool) -> Layout:
+    budget = config.harvest.max_tokens
+
+    def prefix() -> tuple[int, list[SourceShard]]:
+        """Rows in the tokenised prefix, and the next shards to tokenise."""
+        total = 0
+        for shard in shards:
+            if budget is not None and total >= budget:
+                return total, []
+            stats = ledger.shard_stats(shard.index)
+            if stats is None:
+                missing = [s for s in shards[shard.index:] if ledger.shard_stats(s.index) is None]
+                return total, missing[: 2 * workers]
+            total += stats.n_rows
+        return total, []
+
+    def done(shard: SourceShard, stats) -> None:
+        ledger.record_shard(shard.index, stats)
+        ledger.save()
+        bar.update(1)
+
+    bar = tqdm(total=len(shards), desc="tokenise", unit="shard", disable=not progress,
+               initial=sum(ledger.shard_stats(s.index) is not None for s in shards))
+    with bar:
+        while True:
+            _, wave = prefix()
+            if not wave:
+                break
+            _run_all(pool, wave, lambda actor, shard: actor.tokenize_shard.remote(shard), done,
+                     max_attempts=config.harvest.max_attempts, what="source shard")
+    stats = [ledger.shard_stats(s.index) for s in shards]
+    known = stats[: next((i for i, s in enumerate(stats) if s is None), len(stats))]
+    layout = Layout.plan(known, budget, config.harvest.unit_rows)
+    if layout.n_rows == 0:
+        raise UserError(f"{config.origin}: source: the corpus has no text ({len(shards)} shards, 0 tokens)")
+    ledger.set_layout(layout)
+    ledger.save()
+    return layout
+
+
+def _harvest_units(config: Config, ledger: HarvestLedger, layout: Layout, activations: str,
+                   pool: _Pool, progress: bool) -> tuple[int, int, float]:
+    h = config.harvest
+    if h.output_format == "zarr3":
+        for array in ledger.data["arrays"]:
+            create_array(paths.array_url(activations, array["site"], array["layer"]),
+                         n_rows=layout.n_rows, d_in=array["d_in"], dtype=h.store_dtype,
+                         shard_rows=h.shard_rows, chunk_rows=h.chunk_rows)
+    committed = ledger.committed_units
+    todo = [u for u in range(layout.n_units) if u not in committed]
+    done_rows = sum(layout.unit_range(u)[1] - layout.unit_range(u)[0] for u in committed)
+    rows_run = 0
+    began = time.perf_counter()
+    bar = tqdm(total=layout.n_rows, initial=done_rows, desc="harvest", unit="tok", unit_scale=True,
+               disable=not progress)
+
+    def done(unit: int, result) -> None:
+        nonlocal rows_run
+        ledger.commit_unit(unit, {"rows": list(layout.unit_range(unit)), "sequences": result.sequences,
+                                  "seconds": round(result.seconds, 3)})
+        ledger.save()
+        rows_run += result.rows
+        bar.update(result.rows)
+
+    with bar:
+        _run_all(pool, todo, lambda actor, unit: actor.harvest_unit.remote(unit, layout), done,
+                 max_attempts=h.max_attempts, what="unit")
+    return len(todo), rows_run, time.perf_counter() - began
+
+
+def _summary(ledger: HarvestLedger, activations: str, began: float, units_run: int,
+             tokens_per_s: float) -> HarvestSummary:
+    fs, path = storage.filesystem(activations)
+    size = int(storage.with_retries(lambda: fs.du(path), what=activations))
+    layout = ledger.layout
+    return HarvestSummary(
+        activations=activations,
+        rows=layout.n_rows if layout else 0,
+        arrays=len(ledger.data["arrays"]),
+        bytes=size,
+        seconds=time.perf_counter() - began,
+        units_run=units_run,
+        tokens_per_s=tokens_per_s,
+    )

@@ -1,0 +1,179 @@
+"""The work a harvest worker does: tokenise a source shard, harvest a unit of rows.
+
+Plain Python (the Ray actor in `actors.py` wraps it, the benchmark calls it directly).
+A unit's rows are fixed by the layout, so running a unit twice writes the same bytes to
+the same places: that is what makes retries and resumes safe.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from gemmascope import storage
+from gemmascope.config import Config
+from gemmascope.harvest.packing import PackedSequences, tokenize_and_pack
+from gemmascope.harvest.sources import SourceShard, read_documents
+from gemmascope.models.capture import ActivationCapture
+from gemmascope.models.loading import LoadedModel, load_model
+from gemmascope.models.sites import site_width
+from gemmascope.store import paths
+from gemmascope.store.arrays import open_array
+from gemmascope.store.layout import Layout, ShardStats
+from gemmascope.store.writers import ParquetRowWriter, ZarrRowWriter
+
+TORCH_STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_keys(config: Config, n_layers: int) -> list[tuple[str, int]]:
+    layers = range(n_layers) if config.harvest.layers == "all" else config.harvest.layers
+    return [(site, layer) for layer in layers for site in config.harvest.sites]
+
+
+def write_parquet_atomic(url: str, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes_atomic(url, buffer.getvalue())
+
+
+def _fixed_lists(array: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
+
+
+def write_sequences(url: str, packed: PackedSequences) -> None:
+    write_parquet_atomic(url, pa.table({
+        "input_ids": _fixed_lists(packed.input_ids),
+        "document": _fixed_lists(packed.document),
+        "role": _fixed_lists(packed.role),
+    }))
+
+
+def read_sequences(url: str) -> PackedSequences:
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as handle:
+        table = pq.read_table(handle)
+    columns = {}
+    for name in ("input_ids", "document", "role"):
+        column = table.column(name).combine_chunks()
+        width = column.type.list_size
+        columns[name] = column.values.to_numpy(zero_copy_only=False).reshape(-1, width)
+    n_documents = int(columns["document"].max()) + 1 if columns["document"].size else 0
+    return PackedSequences(columns["input_ids"], columns["document"], columns["role"], n_documents)
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    unit: int
+    rows: int
+    sequences: int
+    seconds: float
+
+
+class HarvestWorker:
+    def __init__(self, config: Config, activations: str, loaded: LoadedModel | None = None):
+        self.config = config
+        self.activations = activations
+        self.loaded = loaded or load_model(config.model)
+        self.keys = resolve_keys(config, self.loaded.info.n_layers)
+        self.capture = ActivationCapture(self.loaded, self.keys)
+        self.store_dtype = TORCH_STORE_DTYPES[config.harvest.store_dtype]
+        self._sequences = lru_cache(maxsize=4)(read_sequences)
+
+    # Phase 1 ---------------------------------------------------------------------
+    def tokenize_shard(self, shard: SourceShard) -> ShardStats:
+        texts = list(read_documents(shard, self.config.source.text_field))
+        packed = tokenize_and_pack(self.loaded.tokenizer, texts, self.config.harvest.context_length)
+        write_sequences(paths.sequences_url(self.activations, shard.index), packed)
+        return ShardStats(
+            n_sequences=len(packed.input_ids),
+            n_rows=int(packed.rows_per_sequence.sum()),
+            n_documents=packed.n_documents,
+            n_tokens=int(packed.input_ids.size),
+        )
+
+    # Phase 2 ---------------------------------------------------------------------
+    def _unit_sequences(self, layout: Layout, start: int, stop: int):
+        """Yield (global sequence id, ids, role, document ids, first row) overlapping [start, stop)."""
+        row_offsets, seq_offsets, doc_offsets = layout.row_offsets, layout.sequence_offsets, layout.document_offsets
+        for shard in layout.shards_of_rows(start, stop):
+            packed = self._sequences(paths.sequences_url(self.activations, shard))
+            first_rows = row_offsets[shard] + np.concatenate([[0], np.cumsum(packed.rows_per_sequence)[:-1]])
+            last_rows = first_rows + packed.rows_per_sequence
+            for s in np.flatnonzero((first_rows < stop) & (last_rows > start)):
+                document = np.where(packed.document[s] >= 0, packed.document[s] + doc_offsets[shard], -1)
+                yield (int(seq_offsets[shard] + s), packed.input_ids[s], packed.role[s], document,
+                       int(first_rows[s]))
+
+    def _make_writers(self, unit: int, start: int, stop: int) -> dict:
+        h, info = self.config.harvest, self.loaded.info
+        writers = {}
+        for key in self.keys:
+            if h.output_format == "zarr3":
+                array = open_array(paths.array_url(self.activations, *key), write=True)
+                writers[key] = ZarrRowWriter(array, start, stop, h.shard_rows)
+            else:
+                width = site_width(key[0], info.d_model, info.n_heads, info.head_dim)
+                writers[key] = ParquetRowWriter(paths.parquet_part_url(self.activations, *key, unit),
+                                                width, h.store_dtype, stop - start, h.shard_rows)
+        return writers
+
+    def harvest_unit(self, unit: int, layout: Layout) -> UnitResult:
+        began = time.perf_counter()
+        start, stop = layout.unit_range(unit)
+        writers = self._make_writers(unit, start, stop)
+        token_columns: dict[str, list[np.ndarray]] = {k: [] for k in ("row", "sequence", "position", "token", "document")}
+        n_sequences = 0
+        batch: list = []
+
+        def run(batch: list) -> None:
+            ids = np.stack([b[1] for b in batch])
+            keep = np.stack([b[2] for b in batch]) == 0
+            rows = np.cumsum(keep, axis=1) - 1 + np.array([b[4] for b in batch])[:, None]
+            select = keep & (rows >= start) & (rows < stop)
+            flat = torch.from_numpy(np.flatnonzero(select)).to(self.loaded.device)
+
+            def gather(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(-1, t.shape[-1]).index_select(0, flat).to(self.store_dtype)
+
+            captured = self.capture(torch.from_numpy(ids.astype(np.int64)), transform=gather)
+            for key, tensor in captured.items():
+                writers[key].append(_to_numpy(tensor))
+            b_index, position = np.nonzero(select)
+            token_columns["row"].append(rows[select])
+            token_columns["sequence"].append(np.array([b[0] for b in batch])[b_index])
+            token_columns["position"].append(position.astype(np.int32))
+            token_columns["token"].append(ids[select])
+            token_columns["document"].append(np.stack([b[3] for b in batch])[select].astype(np.int64))
+
+        for item in self._unit_sequences(layout, start, stop):
+            batch.append(item)
+            n_sequences += 1
+            if len(batch) == self.config.harvest.batch_size:
+                run(batch)
+                batch = []
+        if batch:
+            run(batch)
+        for writer in writers.values():
+            writer.close()
+        table = pa.table({k: np.concatenate(v) if v else np.array([], np.int64) for k, v in token_columns.items()})
+        if table.num_rows != stop - start or (table.num_rows and table.column("row")[0].as_py() != start):
+            raise RuntimeError(f"unit {unit}: produced {table.num_rows} rows for [{start}, {stop})")
+        write_parquet_atomic(paths.tokens_url(self.activations, unit), table)
+        return UnitResult(unit, stop - start, n_sequences, time.perf_counter() - began)
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU numpy view of a captured tensor; bfloat16 becomes ml_dtypes.bfloat16, bit for bit."""
+    tensor = tensor.cpu()
+    if tensor.dtype == torch.bfloat16:
+        from gemmascope.store.arrays import NUMPY_DTYPES
+
+        return tensor.view(torch.int16).numpy().view(NUMPY_DTYPES["bfloat16"])
+    return tensor.numpy()

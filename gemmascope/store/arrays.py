@@ -1,0 +1,65 @@
+"""TensorStore zarr3 arrays of activations: `[n_rows, d_in]`, one storage shard per `shard_rows`.
+
+The sharding codec packs `chunk_rows`-row inner chunks into one object per shard:
+few large objects for GCS, and random reads of single chunks through the shard index.
+No compression by default: activations barely compress and CPU time is the bottleneck.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from gemmascope import storage
+from gemmascope.errors import UserError
+
+NUMPY_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+
+
+def zarr_spec(url: str, *, n_rows: int, d_in: int, dtype: str, shard_rows: int, chunk_rows: int) -> dict:
+    return {
+        "driver": "zarr3",
+        "kvstore": storage.tensorstore_kvstore(url),
+        "metadata": {
+            "shape": [n_rows, d_in],
+            "data_type": dtype,
+            "dimension_names": ["row", "feature"],
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard_rows, d_in]}},
+            "codecs": [{
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": [chunk_rows, d_in],
+                    "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                    "index_codecs": [
+                        {"name": "bytes", "configuration": {"endian": "little"}},
+                        {"name": "crc32c"},
+                    ],
+                },
+            }],
+            "fill_value": 0,
+        },
+    }
+
+
+def create_array(url: str, **layout: Any) -> None:
+    """Create the array, or check that an existing one has exactly this layout."""
+    import tensorstore as ts
+
+    spec = zarr_spec(url, **layout)
+    try:
+        ts.open(spec, create=True, open=True, context=storage.tensorstore_context()).result()
+    except ValueError as err:
+        raise UserError(f"{url}: existing array does not match the harvest layout ({err})") from None
+
+
+def open_array(url: str, *, write: bool = False) -> Any:
+    import tensorstore as ts
+
+    spec = {"driver": "zarr3", "kvstore": storage.tensorstore_kvstore(url)}
+    try:
+        return ts.open(spec, open=True, read=True, write=write,
+                       context=storage.tensorstore_context()).result()
+    except ValueError as err:
+        raise UserError(f"{url}: cannot open activation array ({err})") from None

@@ -1,0 +1,102 @@
+"""Writers for one work unit's rows of one array: zarr3 shards or a Parquet file.
+
+A unit streams rows in order; the writer buffers exactly one storage shard and writes
+it whole (a partial shard write would rewrite the shard object each time), keeping at
+most two writes in flight so the next forward pass overlaps the I/O.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import deque
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gemmascope import storage
+
+
+class ZarrRowWriter:
+    def __init__(self, array, start: int, stop: int, shard_rows: int, max_in_flight: int = 2):
+        self.array, self.position, self.stop = array, start, stop
+        self.shard_rows = shard_rows
+        self.dtype = array.dtype.numpy_dtype
+        self.width = array.shape[1]
+        self.max_in_flight = max_in_flight
+        self.in_flight: deque = deque()
+        self._new_buffer()
+
+    def _new_buffer(self) -> None:
+        rows = min(self.shard_rows, self.stop - self.position)
+        self.buffer = np.empty((rows, self.width), dtype=self.dtype)
+        self.filled = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        while len(rows):
+            take = min(len(rows), len(self.buffer) - self.filled)
+            self.buffer[self.filled:self.filled + take] = rows[:take]
+            self.filled += take
+            rows = rows[take:]
+            if self.filled == len(self.buffer):
+                self._flush()
+
+    def _flush(self) -> None:
+        end = self.position + len(self.buffer)
+        self.in_flight.append(self.array[self.position:end].write(self.buffer))
+        self.position = end
+        while len(self.in_flight) > self.max_in_flight:
+            self.in_flight.popleft().result()
+        if self.position < self.stop:
+            self._new_buffer()
+
+    def close(self) -> None:
+        if self.position != self.stop:
+            raise RuntimeError(f"unit ended at row {self.position + self.filled}, expected {self.stop}")
+        while self.in_flight:
+            self.in_flight.popleft().result()
+
+
+def activation_schema(width: int, dtype: str) -> pa.Schema:
+    """Parquet activations: raw bfloat16 bits as uint16, or float32, one list per row."""
+    value = pa.uint16() if dtype == "bfloat16" else pa.float32()
+    return pa.schema([pa.field("activation", pa.list_(value, width))])
+
+
+class ParquetRowWriter:
+    def __init__(self, url: str, width: int, dtype: str, expected_rows: int, shard_rows: int):
+        self.url, self.width, self.expected = url, width, expected_rows
+        self.bits = np.uint16 if dtype == "bfloat16" else np.float32
+        self.shard_rows = shard_rows
+        handle, self.local = tempfile.mkstemp(suffix=".parquet", prefix=".part-")
+        os.close(handle)
+        self.writer = pq.ParquetWriter(self.local, activation_schema(width, dtype))
+        self.pending: list[np.ndarray] = []
+        self.rows = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        self.pending.append(np.ascontiguousarray(rows).view(self.bits))
+        self.rows += len(rows)
+        if sum(len(p) for p in self.pending) >= self.shard_rows:
+            self._write()
+
+    def _write(self) -> None:
+        if not self.pending:
+            return
+        block = np.concatenate(self.pending)
+        values = pa.array(block.reshape(-1))
+        column = pa.FixedSizeListArray.from_arrays(values, self.width)
+        self.writer.write_table(pa.table({"activation": column}), row_group_size=self.shard_rows)
+        self.pending = []
+
+    def close(self) -> None:
+        if self.rows != self.expected:
+            raise RuntimeError(f"unit wrote {self.rows} rows, expected {self.expected}")
+        self._write()
+        self.writer.close()
+        try:
+            storage.publish_local_file(self.local, self.url)
+        finally:
+            if os.path.exists(self.local):
+                os.remove(self.local)
