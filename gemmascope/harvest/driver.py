@@ -82,25 +82,54 @@ def _header(config: Config, info: ModelInfo) -> dict:
 
 
 class _Pool:
-    """Runs calls on a fixed set of actors, one call per actor at a time."""
+    """Runs calls on a fixed set of actors, one call per actor at a time.
+
+    An actor whose process died is restarted by Ray; it gets work again only after it
+    answers a ping, so calls are never sent to an actor that is still restarting.
+    """
+
+    PING_INTERVAL_S = 0.5
+    RESTART_TIMEOUT_S = 600.0
 
     def __init__(self, actors: list):
         self.idle = deque(actors)
+        self.failed_pings: dict = {}
         self.in_flight: dict = {}  # ObjectRef -> (item, actor)
+        self.recovering: dict = {}  # ping ObjectRef -> actor
 
     def submit(self, item, call) -> None:
         actor = self.idle.popleft()
         self.in_flight[call(actor, item)] = (item, actor)
 
+    def _ping(self, actor) -> None:
+        self.recovering[actor.pid.remote()] = actor
+
     def wait_one(self):
-        """(item, result or exception) of the next call to finish."""
-        (ref,), _ = ray.wait(list(self.in_flight), num_returns=1)
+        """(item, result or exception) of the next call to finish; None when an actor is back."""
+        (ref,), _ = ray.wait([*self.in_flight, *self.recovering], num_returns=1)
+        if ref in self.recovering:
+            actor = self.recovering.pop(ref)
+            try:
+                ray.get(ref)
+                self.idle.append(actor)
+                self.failed_pings.pop(actor, None)
+            except RayActorError as err:
+                self.failed_pings[actor] = self.failed_pings.get(actor, 0) + 1
+                if self.failed_pings[actor] * self.PING_INTERVAL_S > self.RESTART_TIMEOUT_S:
+                    raise UserError(f"a harvest worker did not come back after dying: {_cause(err)!r}") from None
+                time.sleep(self.PING_INTERVAL_S)
+                self._ping(actor)
+            return None
         item, actor = self.in_flight.pop(ref)
-        self.idle.append(actor)  # a dead actor restarts; calls queue until it is back
         try:
-            return item, ray.get(ref)
-        except (RayActorError, RayTaskError) as err:
+            result = ray.get(ref)
+        except RayActorError as err:  # the process died: restart, then reuse
+            self._ping(actor)
             return item, err
+        except RayTaskError as err:
+            result = err
+        self.idle.append(actor)
+        return item, result
 
 
 def _cause(err: Exception) -> BaseException:
@@ -114,7 +143,10 @@ def _run_all(pool: _Pool, items: list, call, on_done, *, max_attempts: int, what
     while queue or pool.in_flight:
         while queue and pool.idle:
             pool.submit(queue.popleft(), call)
-        item, result = pool.wait_one()
+        finished = pool.wait_one()
+        if finished is None:
+            continue
+        item, result = finished
         if not isinstance(result, Exception):
             on_done(item, result)
             continue
