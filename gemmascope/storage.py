@@ -15,7 +15,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,7 +55,7 @@ def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _filesystem(kind: str) -> fsspec.AbstractFileSystem:
     if kind == "gs":
         import gcsfs

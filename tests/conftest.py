@@ -32,11 +32,12 @@ def gcs_emulator(tmp_path_factory):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log"
-    process = subprocess.Popen(
-        [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-         "-port", str(port), "-external-url", url],
-        stdout=subprocess.DEVNULL, stderr=open(log, "w"),
-    )
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+             "-port", str(port), "-external-url", url],
+            stdout=subprocess.DEVNULL, stderr=log_file,
+        )
     deadline = time.monotonic() + 20
     while True:
         try:

@@ -23,15 +23,18 @@ from gemmascope.errors import UserError
 # real English technical prose and code on any machine with Python 3.11). `os` is left
 # out: its page prints the environment.
 PYDOC_MODULES = (
-    "abc argparse array ast asyncio base64 bisect calendar cmd codecs collections colorsys "
-    "configparser contextlib copy csv dataclasses datetime decimal difflib dis email enum "
-    "fractions ftplib functools getopt gettext glob graphlib gzip hashlib heapq hmac html "
-    "http imaplib inspect io ipaddress itertools json keyword linecache locale logging lzma "
-    "mailbox math mimetypes numbers operator optparse pathlib pickle pprint queue random "
-    "re sched secrets selectors shelve shlex shutil signal smtplib socket sqlite3 statistics "
-    "string struct subprocess tarfile tempfile textwrap threading time timeit tokenize trace "
-    "traceback typing unittest urllib uuid warnings weakref zipfile zlib"
-).split()
+    "abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "calendar", "cmd",
+    "codecs", "collections", "colorsys", "configparser", "contextlib", "copy", "csv",
+    "dataclasses", "datetime", "decimal", "difflib", "dis", "email", "enum", "fractions",
+    "ftplib", "functools", "getopt", "gettext", "glob", "graphlib", "gzip", "hashlib", "heapq",
+    "hmac", "html", "http", "imaplib", "inspect", "io", "ipaddress", "itertools", "json",
+    "keyword", "linecache", "locale", "logging", "lzma", "mailbox", "math", "mimetypes",
+    "numbers", "operator", "optparse", "pathlib", "pickle", "pprint", "queue", "random", "re",
+    "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "signal", "smtplib", "socket",
+    "sqlite3", "statistics", "string", "struct", "subprocess", "tarfile", "tempfile",
+    "textwrap", "threading", "time", "timeit", "tokenize", "trace", "traceback", "typing",
+    "unittest", "urllib", "uuid", "warnings", "weakref", "zipfile", "zlib"
+)
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 SUFFIXES = (".txt", ".jsonl", ".parquet")

@@ -8,6 +8,7 @@ the final norm and the LM head never run.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -64,11 +65,8 @@ class ActivationCapture:
                     handles.append(module.register_forward_hook(make_hook((site, layer), False)))
             # Registered last, so it runs after the layer's own "res" hook.
             handles.append(layers[self.last_layer].register_forward_hook(stop))
-            with torch.inference_mode():
-                try:
-                    self.loaded.model.model(input_ids=input_ids.to(self.loaded.device), use_cache=False)
-                except _StopForward:
-                    pass
+            with torch.inference_mode(), contextlib.suppress(_StopForward):
+                self.loaded.model.model(input_ids=input_ids.to(self.loaded.device), use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
