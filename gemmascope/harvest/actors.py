@@ -51,8 +51,11 @@ def connect(address: str | None) -> None:
 class HarvestActor:
     def __init__(self, config: Config, activations: str, threads: int):
         import torch
+        from transformers.utils import logging as hf_logging
 
         from gemmascope.harvest.worker import HarvestWorker
+
+        hf_logging.disable_progress_bar()  # one bar per actor start is noise in the driver's log
 
         if not torch.cuda.is_available() or config.model.device == "cpu":
             torch.set_num_threads(threads)
