@@ -187,7 +187,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     for item in overrides:
         key, value = _parse_override(item, source)
-        apply_override(data, key, value)
+        apply_override(data, key, value, source=source)
     data["origin"] = source
     return from_mapping(Config, data, source=source)
 

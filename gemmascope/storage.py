@@ -185,7 +185,7 @@ def tensorstore_kvstore(url: str) -> dict:
         return {"driver": "file", "path": url + "/"}
     if kind == "gs":
         bucket, _, path = url[len("gs://"):].partition("/")
-        return {"driver": "gcs", "bucket": bucket, "path": path + "/"}
+        return {"driver": "gcs", "bucket": bucket, "path": path + "/" if path else ""}
     return {"driver": "memory", "path": url.partition("://")[2] + "/"}
 
 
@@ -212,15 +212,21 @@ def publish_local_file(local_path: str, url: str) -> None:
     """Move a finished local file to `url` atomically (rename locally, one upload remotely)."""
     if scheme(url) == "file":
         target = normalize(url)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
         staging = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
-        # Copy into the target's directory first: a rename is atomic only within one filesystem.
-        with open(local_path, "rb") as src, open(staging, "wb") as dst:
-            while block := src.read(1 << 24):
-                dst.write(block)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(staging, target)
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            # Copy into the target's directory first: a rename is atomic only within one filesystem.
+            with open(local_path, "rb") as src, open(staging, "wb") as dst:
+                while block := src.read(1 << 24):
+                    dst.write(block)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(staging, target)
+        except OSError as err:
+            raise UserError(f"{url}: cannot write ({err.strerror})") from None
+        finally:
+            if os.path.exists(staging):
+                os.remove(staging)
         return
     fs, path = filesystem(url)
     with_retries(lambda: fs.put_file(local_path, path), what=url)

@@ -79,6 +79,9 @@ def from_mapping(cls: type, data: dict, *, source: str, prefix: str = "") -> Any
     """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: {prefix}{key!r}: keys must be names, not {type(key).__name__}")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = unknown[0]
@@ -106,13 +109,16 @@ def to_mapping(obj: Any) -> Any:
     return obj
 
 
-def apply_override(data: dict, dotted_key: str, value: Any) -> None:
+def apply_override(data: dict, dotted_key: str, value: Any, *, source: str) -> None:
     """Set `a.b.c` in nested dicts, creating intermediate mappings as needed."""
     *parents, leaf = dotted_key.split(".")
     node = data
-    for part in parents:
-        child = node.setdefault(part, {})
+    for depth, part in enumerate(parents):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted_key}: {part} is not a mapping")
+            where = ".".join(parents[: depth + 1])
+            raise ConfigError(f"{source}: {dotted_key}={value!r}: {where} is not a mapping")
         node = child
     node[leaf] = value

@@ -75,11 +75,15 @@ def list_pieces(config: SourceConfig) -> list[Piece]:
     if config.builtin == "pydoc":
         return [Piece(name, "pydoc") for name in PYDOC_MODULES]
     pieces: list[Piece] = []
+    seen: set[str] = set()
     for i, pattern in enumerate(config.paths):
         matches = storage.glob(pattern)
         if not matches:
             raise UserError(f"source.paths[{i}]={pattern!r}: no files match")
         for url in matches:
+            if url in seen:  # matched by an earlier glob: read each file once
+                continue
+            seen.add(url)
             kind = _kind_of(url)
             if kind == "parquet":
                 pieces.extend(Piece(url, kind, g) for g in range(_parquet_row_groups(url)))
@@ -117,7 +121,9 @@ def _read_text(url: str) -> str:
 
 
 def _jsonl_documents(url: str, field: str) -> Iterator[str]:
-    for number, line in enumerate(_read_text(url).splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also splits on U+2028 and U+0085, which JSON
+    # writers leave unescaped inside strings.
+    for number, line in enumerate(_read_text(url).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -132,6 +138,7 @@ def _jsonl_documents(url: str, field: str) -> Iterator[str]:
 
 
 def _parquet_documents(url: str, row_group: int, field: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(url)
@@ -139,6 +146,9 @@ def _parquet_documents(url: str, row_group: int, field: str) -> Iterator[str]:
         reader = pq.ParquetFile(handle)
         if field not in reader.schema_arrow.names:
             raise UserError(f"{url}: no column {field!r} (source.text_field)")
+        kind = reader.schema_arrow.field(field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise UserError(f"{url}: column {field!r} is {kind}, not text (source.text_field)")
         column = reader.read_row_group(row_group, columns=[field]).column(0)
     for value in column.to_pylist():
         if value is not None:
