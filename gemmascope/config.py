@@ -8,7 +8,6 @@ Checks that need the model (a layer past the last one) live in `check_against_mo
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -142,18 +141,18 @@ class Config:
     # The file this config came from (for error messages); not part of its identity.
     origin: str = field(default="<defaults>", compare=False)
 
-    def harvest_fingerprint(self) -> str:
-        """A hash of everything that decides the harvested rows, for safe resumes."""
-        identity = {
+    def harvest_identity(self) -> dict:
+        """Everything that decides the harvested rows (not how many workers compute them)."""
+        scheduling = ("workers", "cpus_per_worker", "gpus_per_worker", "max_attempts")
+        return {
             "model": to_mapping(self.model),
             "source": to_mapping(self.source),
-            "harvest": {
-                k: v
-                for k, v in to_mapping(self.harvest).items()
-                if k not in ("workers", "cpus_per_worker", "gpus_per_worker", "max_attempts")
-            },
+            "harvest": {k: v for k, v in to_mapping(self.harvest).items() if k not in scheduling},
         }
-        blob = json.dumps(identity, sort_keys=True).encode()
+
+    def harvest_fingerprint(self) -> str:
+        """A hash of `harvest_identity`: a store resumes only under the config that made it."""
+        blob = json.dumps(self.harvest_identity(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -191,7 +190,3 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     data["origin"] = source
     return from_mapping(Config, data, source=source)
 
-
-def replace(config: Config, **sections: object) -> Config:
-    """`dataclasses.replace` for the top-level config (re-validates nothing below)."""
-    return dataclasses.replace(config, **sections)

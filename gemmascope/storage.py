@@ -10,8 +10,10 @@ half-written file visible. Transient network errors are retried with backoff.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -24,6 +26,7 @@ import fsspec
 from gemmascope.errors import UserError
 
 T = TypeVar("T")
+log = logging.getLogger("gemmascope.storage")
 
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 
@@ -94,6 +97,7 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_dela
             if not is_transient(err) or attempt == attempts - 1:
                 raise
             delay = base_delay * 2**attempt * (0.5 + random.random())
+            log.warning("%s: %r; retry %d/%d in %.1f s", what, err, attempt + 1, attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -129,22 +133,31 @@ def makedirs(url: str) -> None:
     # GCS has no directories.
 
 
+def _publish_local(url: str, write: Callable[[Any], None]) -> None:
+    """Write a local file through a temp file in the same directory, fsync, then rename."""
+    path = normalize(url)
+    directory = os.path.dirname(path)
+    staging = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(staging, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, path)  # atomic within one filesystem, hence the staging directory
+    except OSError as err:
+        raise UserError(f"{url}: cannot write ({err.strerror})") from None
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Publish `data` at `url` so readers see the old file or the new one, never a mix."""
-    fs, path = filesystem(url)
     if scheme(url) == "file":
-        directory = os.path.dirname(path)
-        try:
-            os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except OSError as err:
-            raise UserError(f"{url}: cannot write ({err.strerror})") from None
+        _publish_local(url, lambda handle: handle.write(data))
         return
+    fs, path = filesystem(url)
     with_retries(lambda: fs.pipe_file(path, data), what=url)
 
 
@@ -211,22 +224,11 @@ def download_dir(url: str, target: Path) -> Path:
 def publish_local_file(local_path: str, url: str) -> None:
     """Move a finished local file to `url` atomically (rename locally, one upload remotely)."""
     if scheme(url) == "file":
-        target = normalize(url)
-        staging = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
-        try:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            # Copy into the target's directory first: a rename is atomic only within one filesystem.
-            with open(local_path, "rb") as src, open(staging, "wb") as dst:
-                while block := src.read(1 << 24):
-                    dst.write(block)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(staging, target)
-        except OSError as err:
-            raise UserError(f"{url}: cannot write ({err.strerror})") from None
-        finally:
-            if os.path.exists(staging):
-                os.remove(staging)
+        def copy(handle) -> None:
+            with open(local_path, "rb") as source:
+                shutil.copyfileobj(source, handle, 1 << 24)
+
+        _publish_local(url, copy)
         return
     fs, path = filesystem(url)
     with_retries(lambda: fs.put_file(local_path, path), what=url)

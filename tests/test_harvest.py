@@ -10,7 +10,8 @@ import psutil
 import pytest
 import torch
 
-from gemmascope.config import load_config
+from gemmascope.config import ModelConfig, load_config
+from gemmascope.errors import UserError
 from gemmascope.harvest.driver import run_harvest
 from gemmascope.harvest.packing import ROLE_TEXT
 from gemmascope.harvest.worker import read_sequences
@@ -41,12 +42,8 @@ def reference_long(ray_address, tmp_path_factory):
 def check_matches_capture(run_dir, threads: int) -> None:
     """Stored rows are the captured tensors bit for bit; the token table lines up."""
     store = ActivationStore.open(str(run_dir))
-    config = load_config(TINY if "tiny" in str(run_dir) else str(ROOT / "configs" / "demo.yaml"))
-    del config  # the model source is recorded in the ledger
     source = store.ledger.data["identity"]["model"]["source"]
     batch_size = store.ledger.data["identity"]["harvest"]["batch_size"]
-    from gemmascope.config import ModelConfig
-
     loaded = load_model(ModelConfig(source=source))
     sequences = read_sequences(paths.sequences_url(store.url, 0))
     ids = sequences.input_ids[:batch_size]
@@ -130,13 +127,19 @@ def test_gemma3_270m_store_contents(ray_address, tmp_path):
     check_no_special_positions(run_dir)
 
 
-def test_driver_killed_mid_run_resumes_to_identical_store(reference_long, ray_address, tmp_path):
-    run_dir = tmp_path / "killed-driver"
+def kill_driver_after(run_dir, ray_address: str, units: int) -> list[str]:
+    """Start the LONG harvest, SIGKILL its driver once `units` units are committed; its args."""
     args = ["harvest", TINY, f"run_dir={run_dir}", *LONG, "--ray-address", ray_address, "--no-progress"]
     process = start_cli(*args)
-    wait_for_units(run_dir, process, at_least=3)
+    wait_for_units(run_dir, process, at_least=units)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    return args
+
+
+def test_driver_killed_mid_run_resumes_to_identical_store(reference_long, ray_address, tmp_path):
+    run_dir = tmp_path / "killed-driver"
+    args = kill_driver_after(run_dir, ray_address, units=3)
     rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     units_run = int(rerun.stdout.split("(")[1].split(" units run now")[0])
@@ -191,12 +194,7 @@ def test_parquet_float32_output_matches_zarr_bfloat16(ray_address, tmp_path):
 
 def test_reader_refuses_uncommitted_rows(reference_long, ray_address, tmp_path):
     run_dir = tmp_path / "partial"
-    args = ["harvest", TINY, f"run_dir={run_dir}", *LONG, "--ray-address", ray_address, "--no-progress"]
-    process = start_cli(*args)
-    wait_for_units(run_dir, process, at_least=1)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    from gemmascope.errors import UserError
+    kill_driver_after(run_dir, ray_address, units=1)
 
     store = ActivationStore.open(str(run_dir))
     assert not store.complete and 0 < store.n_rows < store.layout.n_rows

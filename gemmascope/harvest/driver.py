@@ -30,7 +30,6 @@ from gemmascope.store import paths
 from gemmascope.store.arrays import create_array
 from gemmascope.store.layout import Layout
 from gemmascope.store.ledger import HarvestLedger
-from gemmascope.typed_yaml import to_mapping
 
 log = logging.getLogger("gemmascope.harvest")
 
@@ -70,9 +69,7 @@ def _header(config: Config, info: ModelInfo) -> dict:
         for site, layer in resolve_keys(config, info.n_layers)
     ]
     return {
-        "identity": {"model": to_mapping(config.model), "source": to_mapping(config.source),
-                     "harvest": {k: v for k, v in to_mapping(h).items()
-                                 if k not in ("workers", "cpus_per_worker", "gpus_per_worker", "max_attempts")}},
+        "identity": config.harvest_identity(),
         "model": asdict(info),
         "arrays": arrays,
         "storage": {"format": h.output_format, "dtype": h.store_dtype, "unit_rows": h.unit_rows,

@@ -25,7 +25,7 @@ from gemmascope.models.capture import ActivationCapture
 from gemmascope.models.loading import LoadedModel, load_model
 from gemmascope.models.sites import site_width
 from gemmascope.store import paths
-from gemmascope.store.arrays import open_array
+from gemmascope.store.arrays import NUMPY_DTYPES, open_array
 from gemmascope.store.layout import Layout, ShardStats
 from gemmascope.store.writers import ParquetRowWriter, ZarrRowWriter
 
@@ -173,7 +173,5 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A CPU numpy view of a captured tensor; bfloat16 becomes ml_dtypes.bfloat16, bit for bit."""
     tensor = tensor.cpu()
     if tensor.dtype == torch.bfloat16:
-        from gemmascope.store.arrays import NUMPY_DTYPES
-
         return tensor.view(torch.int16).numpy().view(NUMPY_DTYPES["bfloat16"])
     return tensor.numpy()
