@@ -25,6 +25,16 @@ def _harvest(args: argparse.Namespace) -> None:
     print(summary.line())
 
 
+def _train(args: argparse.Namespace) -> None:
+    from gemmascope.config import load_config
+    from gemmascope.train.trainer import train_job
+
+    config = load_config(args.config, args.overrides)
+    result = train_job(config, args.job, progress=not args.no_progress)
+    print(f"trained {result.job}: {result.steps} steps ({result.steps_run} now, "
+          f"{result.tokens_per_s:,.0f} tokens/s); SAEs in {result.directory}/saes")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from gemmascope.config import load_config
     from gemmascope.harvest.driver import run_harvest
@@ -47,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     harvest.add_argument("--no-progress", action="store_true", help="no progress bars")
     harvest.set_defaults(run=_harvest)
 
+    train = commands.add_parser("train", help="train one job's SAEs in this process (resumable)")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    train.add_argument("--job", required=True, help="job id, e.g. res-L6 (see `gemmascope plan`)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(run=_train)
+
     demo = commands.add_parser("demo", help="the pipeline on Gemma 3 270M and the offline demo corpus")
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--ray-address", default=None, help=argparse.SUPPRESS)
@@ -63,12 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except UserError as err:
         print(f"gemmascope: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
         print("gemmascope: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130

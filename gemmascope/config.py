@@ -132,12 +132,105 @@ class HarvestConfig:
 
 
 @dataclass(frozen=True)
+class SAEGridConfig:
+    # The SAEs to train: every (site, layer) stream gets every width x sparsity.
+    sites: tuple[str, ...] = ("res",)
+    layers: tuple[int, ...] = (6,)
+    # Latents per SAE (Gemma Scope: powers of two from 2^14 to 2^20).
+    widths: tuple[int, ...] = (16384,)
+    # Sparsity coefficients lambda (Gemma Scope: lambda = 6e-4 gave L0 ~ 50 on 9B layer 20 res).
+    sparsity: tuple[float, ...] = (6e-4,)
+
+    def __post_init__(self) -> None:
+        for key in ("sites", "layers", "widths", "sparsity"):
+            if not getattr(self, key):
+                raise InvalidValue(key, [], "the SAE grid is empty")
+        for site in self.sites:
+            if site not in SITES:
+                raise InvalidValue("sites", site, f"unknown site (known: {', '.join(SITES)})")
+        for i, layer in enumerate(self.layers):
+            if layer < 0:
+                raise InvalidValue(f"layers[{i}]", layer, "layer must be >= 0")
+        for i, width in enumerate(self.widths):
+            if width < 1:
+                raise InvalidValue(f"widths[{i}]", width, "must be >= 1")
+        for i, value in enumerate(self.sparsity):
+            if value < 0:
+                raise InvalidValue(f"sparsity[{i}]", value, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Training tokens per SAE (Gemma Scope: 4B for 2^14 latents, 8B, 16B for 2^20).
+    tokens: int = 4_000_000_000
+    batch_size: int = 4096
+    # Adam(beta1=0, beta2, eps) at `lr`, cosine warm-up from 0.1*lr over lr_warmup_steps.
+    lr: float = 7e-5
+    lr_warmup_steps: int = 1000
+    # After warm-up (unspecified by Gemma Scope): "none" keeps lr, "cosine" decays to 0.
+    lr_decay: Literal["none", "cosine"] = "none"
+    # Learning rate of the log-thresholds; null: `lr`. Short runs need a larger one
+    # (SPEC.md section 9: thresholds move ~lr per step).
+    threshold_lr: float | None = None
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    # Linear warm-up of lambda from 0.
+    sparsity_warmup_steps: int = 10_000
+    threshold_init: float = 0.001
+    # Straight-through bandwidth, meaningful at unit mean squared norm.
+    bandwidth: float = 0.001
+    # Rows sampled to estimate the normalisation scalar C (E||x/C||^2 = 1).
+    norm_sample_rows: int = 262_144
+    # Rows per shuffle bucket (Gemma Scope shuffled in buckets of ~10^6 activations).
+    shuffle_rows: int = 1_048_576
+    # Rows at the end of the store never trained on (held out for evaluation).
+    holdout_rows: int = 0
+    seed: int = 0
+    checkpoint_every: int = 1000
+    log_every: int = 100
+    # A latent is dead if it has not fired for this many tokens.
+    dead_window_tokens: int = 10_000_000
+    # Mesh axes: null data = every device not used by "latent".
+    mesh_data: int | None = None
+    mesh_latent: int = 1
+    # Rows with NaN/inf: stop with an error, or skip them and count.
+    nonfinite: Literal["error", "skip"] = "error"
+    prefetch_batches: int = 4
+
+    def __post_init__(self) -> None:
+        for key in ("tokens", "batch_size", "checkpoint_every", "log_every", "norm_sample_rows",
+                    "shuffle_rows", "mesh_latent", "prefetch_batches", "dead_window_tokens"):
+            if getattr(self, key) < 1:
+                raise InvalidValue(key, getattr(self, key), "must be >= 1")
+        for key in ("lr", "bandwidth", "threshold_init", "adam_eps"):
+            if not getattr(self, key) > 0:
+                raise InvalidValue(key, getattr(self, key), "must be > 0")
+        if self.threshold_lr is not None and not self.threshold_lr > 0:
+            raise InvalidValue("threshold_lr", self.threshold_lr, "must be > 0")
+        if not 0 <= self.adam_beta2 < 1:
+            raise InvalidValue("adam_beta2", self.adam_beta2, "must be in [0, 1)")
+        for key in ("lr_warmup_steps", "sparsity_warmup_steps", "holdout_rows"):
+            if getattr(self, key) < 0:
+                raise InvalidValue(key, getattr(self, key), "must be >= 0")
+        if self.mesh_data is not None and self.mesh_data < 1:
+            raise InvalidValue("mesh_data", self.mesh_data, "must be >= 1")
+        if self.shuffle_rows < self.batch_size:
+            raise InvalidValue("shuffle_rows", self.shuffle_rows, f"must be >= batch_size ({self.batch_size})")
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+
+@dataclass(frozen=True)
 class Config:
     # Where every output of the run goes: a local path, file://, gs:// or memory:// URL.
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     source: SourceConfig = field(default_factory=lambda: SourceConfig(builtin="pydoc"))
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    saes: SAEGridConfig = field(default_factory=SAEGridConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     # The file this config came from (for error messages); not part of its identity.
     origin: str = field(default="<defaults>", compare=False)
 

@@ -1,0 +1,137 @@
+"""The JumpReLU SAE of SPEC.md section 2: parameters, forward pass, loss, straight-through gradients.
+
+Both discontinuous functions get straight-through pseudo-derivatives through
+`jax.custom_vjp`, with the rectangle kernel K(u) = 1[-1/2 < u < 1/2] and bandwidth eps:
+
+    JumpReLU(pre, theta) = pre * H(pre - theta)
+        d/dpre   = H(pre - theta)
+        d/dtheta = -(theta / eps) * K((pre - theta) / eps)
+    H(pre - theta) (the L0 term)
+        d/dpre   = 0                      # sparsity reaches the encoder only through theta
+        d/dtheta = -(1 / eps) * K((pre - theta) / eps)
+
+Threshold gradients are summed over the batch (the cotangent of a [d_sae] vector).
+The encoder input is written as x @ W_enc + (b_enc - b_dec @ W_enc): the same function
+as (x - b_dec) @ W_enc + b_enc, but the gradient to b_dec is a matrix-vector product
+instead of a [batch, d_in] matmul, so a step costs 10 * batch * d_in * d_sae FLOPs.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class JumpReLUParams(NamedTuple):
+    W_enc: jax.Array  # [d_in, d_sae]
+    b_enc: jax.Array  # [d_sae]
+    W_dec: jax.Array  # [d_sae, d_in], unit-norm rows
+    b_dec: jax.Array  # [d_in]
+    log_threshold: jax.Array  # [d_sae]; theta = exp(log_threshold) > 0
+
+
+def rectangle(u: jax.Array) -> jax.Array:
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(pre: jax.Array, theta: jax.Array, bandwidth: float) -> jax.Array:
+    return pre * (pre > theta).astype(pre.dtype)
+
+
+def _jumprelu_fwd(pre, theta, bandwidth):
+    return jumprelu(pre, theta, bandwidth), (pre, theta)
+
+
+def _jumprelu_bwd(bandwidth, residuals, g):
+    pre, theta = residuals
+    d_pre = (pre > theta).astype(pre.dtype) * g
+    d_theta = -(theta / bandwidth) * rectangle((pre - theta) / bandwidth) * g
+    return d_pre, d_theta.reshape(-1, theta.shape[-1]).sum(axis=0)
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def step(pre: jax.Array, theta: jax.Array, bandwidth: float) -> jax.Array:
+    """H(pre - theta), with the straight-through threshold gradient of the L0 penalty."""
+    return (pre > theta).astype(pre.dtype)
+
+
+def _step_fwd(pre, theta, bandwidth):
+    return step(pre, theta, bandwidth), (pre, theta)
+
+
+def _step_bwd(bandwidth, residuals, g):
+    pre, theta = residuals
+    d_theta = -(1.0 / bandwidth) * rectangle((pre - theta) / bandwidth) * g
+    return jnp.zeros_like(pre), d_theta.reshape(-1, theta.shape[-1]).sum(axis=0)
+
+
+step.defvjp(_step_fwd, _step_bwd)
+
+
+def init_params(key: jax.Array, d_in: int, d_sae: int, threshold: float = 0.001) -> JumpReLUParams:
+    """He-uniform decoder with unit-norm rows, encoder = decoder transpose, zero biases."""
+    bound = (6.0 / d_sae) ** 0.5  # He-uniform on the decoder's fan-in (d_sae)
+    W_dec = jax.random.uniform(key, (d_sae, d_in), jnp.float32, -bound, bound)
+    W_dec = W_dec / jnp.linalg.norm(W_dec, axis=-1, keepdims=True)
+    return JumpReLUParams(
+        W_enc=W_dec.T,
+        b_enc=jnp.zeros((d_sae,), jnp.float32),
+        W_dec=W_dec,
+        b_dec=jnp.zeros((d_in,), jnp.float32),
+        log_threshold=jnp.full((d_sae,), jnp.log(threshold), jnp.float32),
+    )
+
+
+def encode_pre(params: JumpReLUParams, x: jax.Array) -> jax.Array:
+    """Pre-activations with the pre-encoder bias: (x - b_dec) @ W_enc + b_enc."""
+    return x @ params.W_enc + (params.b_enc - params.b_dec @ params.W_enc)
+
+
+class Outputs(NamedTuple):
+    loss: jax.Array  # mean over the batch of ||x - x_hat||^2 + lambda * L0
+    mse: jax.Array  # mean over the batch of ||x - x_hat||^2 (summed over d_in)
+    l0: jax.Array  # mean active latents per row
+    fired: jax.Array  # [d_sae] bool: latent active on some row of the batch
+    total_variance: jax.Array  # sum over the batch of ||x - mean(x)||^2 (for FVU)
+    error_sum: jax.Array  # sum over the batch of ||x - x_hat||^2
+
+
+def loss_fn(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, bandwidth: float) -> tuple[jax.Array, Outputs]:
+    """The training loss on normalised inputs x [batch, d_in] and its diagnostics."""
+    pre = encode_pre(params, x)
+    theta = jnp.exp(params.log_threshold)
+    f = jumprelu(pre, theta, bandwidth)
+    x_hat = f @ params.W_dec + params.b_dec
+    error = jnp.sum((x - x_hat) ** 2, axis=-1)
+    active = step(pre, theta, bandwidth)
+    l0 = jnp.mean(jnp.sum(active, axis=-1))
+    mse = jnp.mean(error)
+    loss = mse + sparsity * l0
+    centred = x - jnp.mean(x, axis=0)
+    outputs = Outputs(
+        loss=loss,
+        mse=mse,
+        l0=l0,
+        fired=jax.lax.stop_gradient(jnp.any(active > 0, axis=0)),
+        total_variance=jax.lax.stop_gradient(jnp.sum(centred**2)),
+        error_sum=jax.lax.stop_gradient(jnp.sum(error)),
+    )
+    return loss, outputs
+
+
+def encode(params: JumpReLUParams, x: jax.Array) -> jax.Array:
+    """Latents at training scale (no gradients needed)."""
+    pre = encode_pre(params, x)
+    theta = jnp.exp(params.log_threshold)
+    return pre * (pre > theta)
+
+
+def decode(params: JumpReLUParams, f: jax.Array) -> jax.Array:
+    return f @ params.W_dec + params.b_dec

@@ -1,0 +1,113 @@
+"""Batches from an activation store: shuffled blocks, shuffle buckets, prefetched on a thread.
+
+Each epoch visits the store's `chunk_rows` blocks in a seeded permutation; consecutive
+blocks of that order form a bucket of about `shuffle_rows` rows, shuffled as a whole
+(Gemma Scope's buckets of ~10^6 activations) and cut into batches (a bucket's last
+partial batch is dropped). The position is three integers (epoch, bucket, batch), all
+else follows from the seed, so a checkpoint restores the exact stream.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from gemmascope.errors import UserError
+from gemmascope.store import ActivationStore
+
+
+@dataclass(frozen=True)
+class LoaderState:
+    epoch: int = 0
+    bucket: int = 0
+    batch: int = 0  # next batch to serve inside the bucket
+    skipped_rows: int = 0  # rows dropped for NaN/inf so far (nonfinite="skip")
+
+
+class ActivationLoader:
+    def __init__(self, store: ActivationStore, site: str, layer: int, *, batch_size: int, shuffle_rows: int,
+                 seed: int, stop_row: int, nonfinite: str = "error", prefetch: int = 4,
+                 place=None, start: LoaderState = LoaderState()):
+        self.store, self.site, self.layer = store, site, layer
+        self.batch_size, self.seed, self.nonfinite = batch_size, seed, nonfinite
+        self.blocks = [(a, min(b, stop_row)) for a, b in store.blocks() if a < stop_row]
+        if sum(b - a for a, b in self.blocks) < batch_size:
+            raise UserError(f"{store.url}: {site} layer {layer} has {sum(b - a for a, b in self.blocks)} "
+                            f"training rows, fewer than one batch ({batch_size})")
+        self.blocks_per_bucket = max(1, shuffle_rows // store.chunk_rows)
+        self.buckets_per_epoch = -(-len(self.blocks) // self.blocks_per_bucket)
+        self.place = place or (lambda batch: batch)
+        self.state = start
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="activation-loader", daemon=True)
+        self._thread.start()
+
+    # The deterministic stream ---------------------------------------------------
+    def _bucket_rows(self, epoch: int, bucket: int) -> tuple[np.ndarray, int]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
+        chosen = sorted(order[bucket * self.blocks_per_bucket:(bucket + 1) * self.blocks_per_bucket])
+        blocks = [self.blocks[i] for i in chosen]
+        rows = np.concatenate(self.store.read_blocks(self.site, self.layer, blocks))
+        finite = np.isfinite(rows).all(axis=1)
+        skipped = int((~finite).sum())
+        if skipped:
+            if self.nonfinite == "error":
+                bad = int(np.flatnonzero(~finite)[0])
+                row = _global_row(blocks, bad)
+                raise UserError(f"{self.store.url}: {self.site} layer {self.layer} row {row} has NaN/inf values "
+                                f"({skipped} such rows in this bucket); set train.nonfinite=skip to drop them")
+            rows = rows[finite]
+        permutation = np.random.default_rng([self.seed, epoch, bucket, 1]).permutation(len(rows))
+        return rows[permutation], skipped
+
+    def _produce(self) -> None:
+        state = self.state
+        try:
+            while not self._stop.is_set():
+                rows, skipped = self._bucket_rows(state.epoch, state.bucket)
+                if state.batch == 0:
+                    state = LoaderState(state.epoch, state.bucket, 0, state.skipped_rows + skipped)
+                for index in range(state.batch, len(rows) // self.batch_size):
+                    batch = self.place(rows[index * self.batch_size:(index + 1) * self.batch_size])
+                    after = LoaderState(state.epoch, state.bucket, index + 1, state.skipped_rows)
+                    if not self._put((after, batch)):
+                        return
+                bucket = state.bucket + 1
+                epoch = state.epoch + bucket // self.buckets_per_epoch
+                state = LoaderState(epoch, bucket % self.buckets_per_epoch, 0, state.skipped_rows)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
+            self._put((None, err))
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # Consumer ----------------------------------------------------------------------
+    def next(self):
+        """The next batch; `self.state` becomes the position after it (what a checkpoint saves)."""
+        state, batch = self._queue.get()
+        if state is None:
+            raise batch
+        self.state = state
+        return batch
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def _global_row(blocks: list[tuple[int, int]], index: int) -> int:
+    for a, b in blocks:
+        if index < b - a:
+            return a + index
+        index -= b - a
+    return -1

@@ -1,0 +1,59 @@
+"""The device mesh ("data", "latent") and where each training array lives on it.
+
+Batches are split over "data"; encoder columns, decoder rows, encoder bias and
+thresholds (and their optimiser state) over "latent", so a wide SAE's parameters are
+spread across devices. Axes are Auto so XLA inserts the collectives.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gemmascope.config import TrainConfig
+from gemmascope.errors import UserError
+
+# Partitioning of each JumpReLU field, for arrays stacked over the SAEs of a group.
+FIELD_SPECS = {
+    "W_enc": P(None, None, "latent"),
+    "W_dec": P(None, "latent", None),
+    "b_enc": P(None, "latent"),
+    "b_dec": P(None, None),
+    "log_threshold": P(None, "latent"),
+    "since_fired": P(None, "latent"),
+}
+
+
+def make_mesh(config: TrainConfig) -> Mesh:
+    devices = jax.devices()
+    latent = config.mesh_latent
+    data = config.mesh_data or max(1, len(devices) // latent)
+    if data * latent > len(devices):
+        raise UserError(f"train.mesh_data={data} x train.mesh_latent={latent} needs {data * latent} devices; "
+                        f"JAX sees {len(devices)}")
+    return jax.make_mesh((data, latent), ("data", "latent"), axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=devices[: data * latent])
+
+
+def _field_name(path) -> str | None:
+    for entry in reversed(path):
+        name = getattr(entry, "name", None) or getattr(entry, "key", None)
+        if isinstance(name, str) and name in FIELD_SPECS:
+            return name
+    return None
+
+
+def tree_shardings(mesh: Mesh, tree):
+    """A NamedSharding for every leaf: by its JumpReLU field name, replicated otherwise."""
+    def sharding(path, leaf):
+        name = _field_name(path)
+        if name is None or getattr(leaf, "ndim", 0) == 0:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, FIELD_SPECS[name])
+
+    return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data", None))

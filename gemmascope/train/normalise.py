@@ -1,0 +1,44 @@
+"""The normalisation scalar C of SPEC.md section 2: E||x / C||^2 = 1 over the training rows.
+
+Estimated from a seeded random sample of blocks (whole blocks: reads stay cheap); the
+sample size and norm statistics are recorded with the job, including how far the largest
+norms are from the median, because a few massive-norm tokens can dominate C.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gemmascope.errors import UserError
+from gemmascope.store import ActivationStore
+
+
+def estimate_scale(store: ActivationStore, site: str, layer: int, *, sample_rows: int, stop_row: int,
+                   seed: int) -> dict:
+    blocks = [(a, min(b, stop_row)) for a, b in store.blocks() if a < stop_row]
+    order = np.random.default_rng([seed, 7]).permutation(len(blocks))
+    chosen, total = [], 0
+    for i in order:
+        chosen.append(blocks[i])
+        total += blocks[i][1] - blocks[i][0]
+        if total >= sample_rows:
+            break
+    rows = np.concatenate(store.read_blocks(site, layer, sorted(chosen))).astype(np.float64)
+    finite = np.isfinite(rows).all(axis=1)
+    if not finite.any():
+        raise UserError(f"{store.url}: {site} layer {layer}: no finite rows in the normalisation sample")
+    squared = np.sum(rows[finite] ** 2, axis=1)
+    norms = np.sqrt(squared)
+    scale = float(np.sqrt(squared.mean()))
+    if not scale > 0:
+        raise UserError(f"{store.url}: {site} layer {layer}: activations are all zero; cannot normalise")
+    median = float(np.median(norms))
+    return {
+        "scale": scale,
+        "sample_rows": int(finite.sum()),
+        "nonfinite_rows": int((~finite).sum()),
+        "mean_norm": float(norms.mean()),
+        "median_norm": median,
+        "max_norm": float(norms.max()),
+        "rows_over_10x_median_norm": int((norms > 10 * median).sum()),
+    }

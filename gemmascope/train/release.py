@@ -1,0 +1,40 @@
+"""The release reparameterisation (SPEC.md section 2): SAEs that take raw activations.
+
+Training sees x = x_raw / C. Folding C and the pre-encoder bias into the parameters,
+
+    b_enc' = C*b_enc - C*(b_dec @ W_enc)    b_dec' = C*b_dec    theta' = C*theta,
+
+gives released SAEs whose latents on x_raw are C times the training latents and whose
+reconstruction is C times the training reconstruction (the raw-scale reconstruction).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gemmascope.train.jumprelu import JumpReLUParams
+
+RELEASE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+
+
+def to_release(params: JumpReLUParams, scale: float) -> dict[str, np.ndarray]:
+    """The five float32 arrays of a Gemma Scope params.npz."""
+    W_enc = np.asarray(params.W_enc, np.float64)
+    b_dec = np.asarray(params.b_dec, np.float64)
+    b_enc = scale * np.asarray(params.b_enc, np.float64) - scale * (b_dec @ W_enc)
+    return {
+        "W_enc": np.asarray(params.W_enc, np.float32),
+        "W_dec": np.asarray(params.W_dec, np.float32),
+        "b_enc": b_enc.astype(np.float32),
+        "b_dec": (scale * b_dec).astype(np.float32),
+        "threshold": (scale * np.exp(np.asarray(params.log_threshold, np.float64))).astype(np.float32),
+    }
+
+
+def release_encode(released: dict[str, np.ndarray], x_raw: np.ndarray) -> np.ndarray:
+    pre = x_raw @ released["W_enc"] + released["b_enc"]
+    return pre * (pre > released["threshold"])
+
+
+def release_decode(released: dict[str, np.ndarray], f: np.ndarray) -> np.ndarray:
+    return f @ released["W_dec"] + released["b_dec"]

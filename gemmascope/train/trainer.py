@@ -1,0 +1,226 @@
+"""`gemmascope train CONFIG --job ID`: train one job's group of SAEs, resumably.
+
+The job directory RUN/train/<job>/ holds job.json (what is trained, checked on every
+restart), normalisation.json (C and its sample), checkpoints/, metrics.jsonl, and when
+finished saes/<name>/params.npz (released scale) with sae.json, then done.json, the
+job's commit point. A restarted job continues from its latest checkpoint; on CPU the
+result is bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import signal
+import time
+from dataclasses import asdict, dataclass
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from gemmascope import storage
+from gemmascope.config import Config
+from gemmascope.errors import UserError
+from gemmascope.store import ActivationStore
+from gemmascope.train.checkpoints import Checkpoints
+from gemmascope.train.group import Group, init_state, make_train_step
+from gemmascope.train.jobs import Job, find_job
+from gemmascope.train.loader import ActivationLoader, LoaderState
+from gemmascope.train.mesh import batch_sharding, make_mesh, tree_shardings
+from gemmascope.train.normalise import estimate_scale
+from gemmascope.train.release import to_release
+from gemmascope.typed_yaml import to_mapping
+
+log = logging.getLogger("gemmascope.train")
+
+
+class Preempted(UserError):
+    """SIGTERM arrived; the job checkpointed and stopped. Rerun to continue."""
+
+    exit_code = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    job: str
+    directory: str
+    steps: int
+    steps_run: int
+    tokens_per_s: float
+
+
+def job_dir(config: Config, job: Job) -> str:
+    return storage.join(storage.normalize(config.run_dir), "train", job.id)
+
+
+def _check_job_record(directory: str, record: dict) -> None:
+    """A job directory belongs to one job definition; refuse to resume under another."""
+    url = storage.join(directory, "job.json")
+    if storage.exists(url):
+        existing = storage.read_json(url)
+        for key in ("d_in", "saes", "train", "store"):
+            if existing.get(key) != record[key]:
+                raise UserError(f"{url}: job was started with {key}={existing.get(key)!r}, "
+                                f"now {key}={record[key]!r}; use a new run_dir")
+        return
+    storage.write_json_atomic(url, record)
+
+
+class _MetricsLog:
+    """metrics.jsonl, rewritten whole at each log (GCS objects cannot be appended to)."""
+
+    def __init__(self, url: str, resume_step: int):
+        self.url = url
+        self.lines: list[str] = []
+        if storage.exists(url):
+            kept = [line for line in storage.read_bytes(url).decode().splitlines()
+                    if line and json.loads(line)["step"] <= resume_step]
+            self.lines = kept
+
+    def write(self, record: dict) -> None:
+        self.lines.append(json.dumps(record, sort_keys=True))
+        storage.write_bytes_atomic(self.url, ("\n".join(self.lines) + "\n").encode())
+
+
+def _records(job: Job, group: Group, metrics: dict, step: int, tokens_per_s: float, batch: int,
+             skipped: int) -> list[dict]:
+    records = []
+    for width, sparsities in group.members:
+        per_width = metrics[Group.key(width)]
+        for index, sparsity in enumerate(sparsities):
+            records.append({
+                "step": step, "sae": f"w{width}-s{sparsity:g}", "width": width, "sparsity": sparsity,
+                "l0": float(per_width["l0"][index]), "mse": float(per_width["mse"][index]),
+                "fvu": float(per_width["fvu"][index]), "loss": float(per_width["loss"][index]),
+                "dead_fraction": float(per_width["dead_fraction"][index]),
+                "lambda": sparsity * float(metrics["sparsity_factor"]), "lr": float(metrics["lr"]),
+                "tokens": step * batch, "tokens_per_s": tokens_per_s, "nonfinite_rows_skipped": skipped,
+            })
+    return records
+
+
+def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainResult:
+    job = find_job(config, job_id)
+    cfg = config.train
+    store = ActivationStore.open(config.run_dir)
+    key = (job.site, job.layer)
+    if key not in store.d_in:
+        raise UserError(f"{store.url}: no activations for site {job.site!r} layer {job.layer} "
+                        f"(harvested: {', '.join(f'{site}/{layer}' for site, layer in store.keys)})")
+    if not store.complete:
+        raise UserError(f"{store.url}: the harvest is not complete; finish it first")
+    d_in = store.d_in[key]
+    directory = job_dir(config, job)
+    _check_job_record(directory, {
+        "job": job.id, "site": job.site, "layer": job.layer, "d_in": d_in, "store": store.url,
+        "saes": [asdict(s) for s in job.saes], "train": to_mapping(cfg)})
+    stop_row = store.n_rows - cfg.holdout_rows
+    if stop_row <= 0:
+        raise UserError(f"train.holdout_rows={cfg.holdout_rows} leaves no training rows ({store.n_rows} in the store)")
+
+    norm_url = storage.join(directory, "normalisation.json")
+    if storage.exists(norm_url):
+        normalisation = storage.read_json(norm_url)
+    else:
+        normalisation = estimate_scale(store, *key, sample_rows=cfg.norm_sample_rows, stop_row=stop_row,
+                                       seed=cfg.seed)
+        storage.write_json_atomic(norm_url, normalisation)
+    scale = normalisation["scale"]
+    log.info("%s: C=%.4g from %d rows (max norm %.3g x median)", job.id, scale, normalisation["sample_rows"],
+             normalisation["max_norm"] / normalisation["median_norm"])
+
+    mesh = make_mesh(cfg)
+    group = Group.of(d_in, [(s.width, s.sparsity) for s in job.saes])
+    root_key = jax.random.key(cfg.seed)
+    abstract = jax.eval_shape(lambda k: init_state(group, cfg, k), root_key)
+    shardings = tree_shardings(mesh, abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    checkpoints = Checkpoints(storage.join(directory, "checkpoints"))
+    if checkpoints.latest_step is not None:
+        state, meta = checkpoints.restore(abstract)
+        loader_state = LoaderState(**meta["loader"])
+        log.info("%s: resuming from step %d", job.id, int(state.step))
+    else:
+        state = jax.jit(lambda k: init_state(group, cfg, k), out_shardings=shardings)(root_key)
+        loader_state = LoaderState()
+    start = int(state.step)
+
+    placement = batch_sharding(mesh)
+    step_fn = jax.jit(make_train_step(group, cfg, scale), in_shardings=(shardings, placement),
+                      out_shardings=(shardings, None), donate_argnums=0)
+    loader = ActivationLoader(store, *key, batch_size=cfg.batch_size, shuffle_rows=cfg.shuffle_rows,
+                              seed=cfg.seed, stop_row=stop_row, nonfinite=cfg.nonfinite,
+                              prefetch=cfg.prefetch_batches, start=loader_state,
+                              place=lambda rows: jax.device_put(rows, placement))
+    metrics_log = _MetricsLog(storage.join(directory, "metrics.jsonl"), start)
+    terminated = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: terminated.append(True)) \
+        if _main_thread() else None
+
+    def save() -> None:
+        checkpoints.save(int(state.step), state, {"loader": asdict(loader.state), "seed": cfg.seed,
+                                                  "scale": scale})
+
+    total = cfg.steps
+    began, window_start, window_step = time.perf_counter(), time.perf_counter(), start
+    try:
+        with tqdm(total=total, initial=start, desc=job.id, unit="step", disable=not progress) as bar:
+            for step in range(start, total):
+                state, metrics = step_fn(state, loader.next())
+                done = step + 1
+                if done % cfg.log_every == 0 or done == total:
+                    metrics = jax.device_get(metrics)
+                    now = time.perf_counter()
+                    rate = (done - window_step) * cfg.batch_size / (now - window_start)
+                    window_start, window_step = now, done
+                    records = _records(job, group, metrics, done, rate, cfg.batch_size, loader.state.skipped_rows)
+                    for record in records:
+                        metrics_log.write(record)
+                    bar.set_postfix(l0=f"{records[0]['l0']:.1f}", fvu=f"{records[0]['fvu']:.3f}",
+                                    tok_s=f"{rate:,.0f}")
+                bar.update(1)
+                if done % cfg.checkpoint_every == 0 and done < total:
+                    save()
+                if terminated:
+                    save()
+                    raise Preempted(f"{job.id}: SIGTERM; checkpointed at step {done}; rerun to continue")
+        if start < total:
+            save()
+    finally:
+        loader.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    _export(directory, job, group, state, scale, normalisation)
+    checkpoints.close()
+    seconds = time.perf_counter() - began
+    return TrainResult(job.id, directory, total, total - start,
+                       (total - start) * cfg.batch_size / seconds if total > start else 0.0)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _export(directory: str, job: Job, group: Group, state, scale: float, normalisation: dict) -> None:
+    """Write each SAE at release scale, then done.json (the job's commit point)."""
+    params = jax.device_get(state.params)
+    names = []
+    for width, sparsities in group.members:
+        stacked = params[Group.key(width)]
+        for index, sparsity in enumerate(sparsities):
+            name = f"w{width}-s{sparsity:g}"
+            one = jax.tree.map(lambda a, i=index: np.asarray(a[i]), stacked)
+            buffer = io.BytesIO()
+            np.savez(buffer, **to_release(one, scale))
+            sae_dir = storage.join(directory, "saes", name)
+            storage.write_bytes_atomic(storage.join(sae_dir, "params.npz"), buffer.getvalue())
+            storage.write_json_atomic(storage.join(sae_dir, "sae.json"), {
+                "site": job.site, "layer": job.layer, "width": width, "sparsity": sparsity,
+                "d_in": group.d_in, "scale": scale, "steps": int(state.step)})
+            names.append(name)
+    storage.write_json_atomic(storage.join(directory, "done.json"),
+                              {"saes": names, "steps": int(state.step), "normalisation": normalisation})
