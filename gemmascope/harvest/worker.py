@@ -7,17 +7,14 @@ the same places: that is what makes retries and resumes safe.
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from gemmascope import storage
 from gemmascope.config import Config
 from gemmascope.harvest.packing import PackedSequences, tokenize_and_pack
 from gemmascope.harvest.sources import SourceShard, read_documents
@@ -27,6 +24,7 @@ from gemmascope.models.sites import site_width
 from gemmascope.store import paths
 from gemmascope.store.arrays import NUMPY_DTYPES, open_array
 from gemmascope.store.layout import Layout, ShardStats
+from gemmascope.store.parquet_io import read_parquet, write_parquet_atomic
 from gemmascope.store.writers import ParquetRowWriter, ZarrRowWriter
 
 TORCH_STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -35,12 +33,6 @@ TORCH_STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 def resolve_keys(config: Config, n_layers: int) -> list[tuple[str, int]]:
     layers = range(n_layers) if config.harvest.layers == "all" else config.harvest.layers
     return [(site, layer) for layer in layers for site in config.harvest.sites]
-
-
-def write_parquet_atomic(url: str, table: pa.Table) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes_atomic(url, buffer.getvalue())
 
 
 def _fixed_lists(array: np.ndarray) -> pa.FixedSizeListArray:
@@ -56,9 +48,7 @@ def write_sequences(url: str, packed: PackedSequences) -> None:
 
 
 def read_sequences(url: str) -> PackedSequences:
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as handle:
-        table = pq.read_table(handle)
+    table = read_parquet(url)
     columns = {}
     for name in ("input_ids", "document", "role"):
         column = table.column(name).combine_chunks()

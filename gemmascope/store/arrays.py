@@ -51,7 +51,7 @@ def create_array(url: str, **layout: Any) -> None:
     try:
         ts.open(spec, create=True, open=True, context=storage.tensorstore_context()).result()
     except ValueError as err:
-        raise UserError(f"{url}: existing array does not match the harvest layout ({err})") from None
+        raise UserError(f"{url}: existing array does not match the harvest layout ({_brief(err)})") from None
 
 
 def open_array(url: str, *, write: bool = False) -> Any:
@@ -62,4 +62,9 @@ def open_array(url: str, *, write: bool = False) -> Any:
         return ts.open(spec, open=True, read=True, write=write,
                        context=storage.tensorstore_context()).result()
     except ValueError as err:
-        raise UserError(f"{url}: cannot open activation array ({err})") from None
+        raise UserError(f"{url}: cannot open activation array ({_brief(err)})") from None
+
+
+def _brief(err: Exception) -> str:
+    """TensorStore errors end with the whole JSON spec; keep the reason only."""
+    return str(err).split(" [tensorstore_spec=")[0]

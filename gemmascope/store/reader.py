@@ -19,6 +19,7 @@ from gemmascope.store import paths
 from gemmascope.store.arrays import NUMPY_DTYPES, open_array
 from gemmascope.store.layout import Layout
 from gemmascope.store.ledger import HarvestLedger
+from gemmascope.store.parquet_io import read_parquet
 
 Key = tuple[str, int]
 
@@ -135,9 +136,7 @@ class ActivationStore:
         """Row -> (sequence, position, token, document) for every committed row, in row order."""
         tables = []
         for unit in sorted(self.ledger.committed_units):
-            fs, path = storage.filesystem(paths.tokens_url(self.url, unit))
-            with fs.open(path, "rb") as handle:
-                tables.append(pq.read_table(handle))
+            tables.append(read_parquet(paths.tokens_url(self.url, unit)))
         if not tables:
             return pa.table({"row": pa.array([], pa.int64())})
         return pa.concat_tables(tables)
