@@ -18,6 +18,7 @@ import optax
 
 from gemmascope.config import TrainConfig
 from gemmascope.train.jumprelu import JumpReLUParams, init_params, loss_fn
+from gemmascope.train.mesh import tree_shardings
 from gemmascope.train.optim import (
     make_optimizer,
     remove_parallel_component,
@@ -76,6 +77,20 @@ def init_state(group: Group, config: TrainConfig, key: jax.Array) -> TrainState:
     optimizer = build_optimizer(config)
     since_fired = {k: jnp.zeros(p.b_enc.shape, jnp.int32) for k, p in params.items()}
     return TrainState(params, optimizer.init(params), jnp.zeros([], jnp.int32), since_fired)
+
+
+def sharded_layout(group: Group, config: TrainConfig, mesh) -> tuple[Any, Any]:
+    """(abstract state carrying its shardings, the shardings) of a group's state on `mesh`."""
+    abstract = jax.eval_shape(lambda key: init_state(group, config, key), jax.random.key(config.seed))
+    shardings = tree_shardings(mesh, abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return abstract, shardings
+
+
+def initial_state(group: Group, config: TrainConfig, shardings) -> TrainState:
+    """A fresh state, created directly in its shardings (never whole on one device)."""
+    init = jax.jit(lambda key: init_state(group, config, key), out_shardings=shardings)
+    return init(jax.random.key(config.seed))
 
 
 def make_train_step(group: Group, config: TrainConfig, scale: float):

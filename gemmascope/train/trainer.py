@@ -25,10 +25,10 @@ from gemmascope.config import Config
 from gemmascope.errors import UserError
 from gemmascope.store import ActivationStore
 from gemmascope.train.checkpoints import Checkpoints
-from gemmascope.train.group import Group, init_state, make_train_step
+from gemmascope.train.group import Group, initial_state, make_train_step, sharded_layout
 from gemmascope.train.jobs import Job, find_job
 from gemmascope.train.loader import ActivationLoader, LoaderState
-from gemmascope.train.mesh import batch_sharding, make_mesh, tree_shardings
+from gemmascope.train.mesh import batch_sharding, make_mesh
 from gemmascope.train.normalise import estimate_scale
 from gemmascope.train.release import to_release
 from gemmascope.typed_yaml import to_mapping
@@ -133,17 +133,14 @@ def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainRes
 
     mesh = make_mesh(cfg)
     group = Group.of(d_in, [(s.width, s.sparsity) for s in job.saes])
-    root_key = jax.random.key(cfg.seed)
-    abstract = jax.eval_shape(lambda k: init_state(group, cfg, k), root_key)
-    shardings = tree_shardings(mesh, abstract)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    abstract, shardings = sharded_layout(group, cfg, mesh)
     checkpoints = Checkpoints(storage.join(directory, "checkpoints"))
     if checkpoints.latest_step is not None:
         state, meta = checkpoints.restore(abstract)
         loader_state = LoaderState(**meta["loader"])
         log.info("%s: resuming from step %d", job.id, int(state.step))
     else:
-        state = jax.jit(lambda k: init_state(group, cfg, k), out_shardings=shardings)(root_key)
+        state = initial_state(group, cfg, shardings)
         loader_state = LoaderState()
     start = int(state.step)
 

@@ -1,0 +1,65 @@
+"""Run with 8 forced CPU devices (a subprocess of test_sharding.py): train one job under
+several meshes and print, as JSON, the final parameters' differences to the single-device
+run and the shardings the state actually has."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gemmascope.train.group import Group, initial_state, sharded_layout  # noqa: E402
+from gemmascope.train.mesh import make_mesh  # noqa: E402
+from gemmascope.train.trainer import train_job  # noqa: E402
+from tests.train_helpers import gaussian_store, load_params, small_config  # noqa: E402
+
+MESHES = {"single": (1, 1), "data8": (8, 1), "data2_latent4": (2, 4), "latent8": (1, 8)}
+
+
+def main(root: str) -> None:
+    results = {"devices": len(jax.devices()), "runs": {}, "specs": {}}
+    finals = {}
+    for name, (data, latent) in MESHES.items():
+        run_dir = os.path.join(root, name)
+        gaussian_store(run_dir, n_rows=8192, d_in=32, seed=1)
+        config = small_config(run_dir, widths=(64, 128), sparsity=(0.01, 0.05), steps=40, batch=512,
+                              mesh_data=data, mesh_latent=latent, log_every=20, shuffle_rows=4096)
+        train_job(config, "res-L0", progress=False)
+        finals[name] = {sae: load_params(run_dir, sae) for sae in
+                        ("w64-s0.01", "w64-s0.05", "w128-s0.01", "w128-s0.05")}
+        # The shardings a fresh state gets under this mesh.
+        cfg = config.train
+        group = Group.of(32, [(64, 0.01), (64, 0.05), (128, 0.01), (128, 0.05)])
+        _, shardings = sharded_layout(group, cfg, make_mesh(cfg))
+        state = initial_state(group, cfg, shardings)
+        nu = jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "W_enc"))
+        nu_params = [leaf for leaf in nu if hasattr(leaf, "W_enc") and hasattr(leaf.W_enc, "sharding")]
+        results["specs"][name] = {
+            "mesh": dict(make_mesh(cfg).shape),
+            "W_enc": str(state.params["w64"].W_enc.sharding.spec),
+            "W_dec": str(state.params["w64"].W_dec.sharding.spec),
+            "b_enc": str(state.params["w64"].b_enc.sharding.spec),
+            "b_dec": str(state.params["w64"].b_dec.sharding.spec),
+            "log_threshold": str(state.params["w64"].log_threshold.sharding.spec),
+            "nu_W_enc": sorted({str(p.W_enc.sharding.spec) for p in nu_params}),
+            "nu_W_dec": sorted({str(p.W_dec.sharding.spec) for p in nu_params}),
+            "W_enc_shard_shape": list(state.params["w64"].W_enc.addressable_shards[0].data.shape),
+        }
+    for name in MESHES:
+        worst = 0.0
+        for sae, params in finals[name].items():
+            for key, value in params.items():
+                reference = finals["single"][sae][key]
+                scale = max(float(np.abs(reference).max()), 1e-12)
+                worst = max(worst, float(np.abs(value - reference).max()) / scale)
+        results["runs"][name] = {"max_relative_difference": worst}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
