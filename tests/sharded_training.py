@@ -41,14 +41,14 @@ def main(root: str) -> None:
         nu_params = [leaf for leaf in nu if hasattr(leaf, "W_enc") and hasattr(leaf.W_enc, "sharding")]
         results["specs"][name] = {
             "mesh": dict(make_mesh(cfg).shape),
-            "W_enc": str(state.params["w64"].W_enc.sharding.spec),
-            "W_dec": str(state.params["w64"].W_dec.sharding.spec),
-            "b_enc": str(state.params["w64"].b_enc.sharding.spec),
-            "b_dec": str(state.params["w64"].b_dec.sharding.spec),
-            "log_threshold": str(state.params["w64"].log_threshold.sharding.spec),
+            "W_enc": str(state.params[0].W_enc.sharding.spec),
+            "W_dec": str(state.params[0].W_dec.sharding.spec),
+            "b_enc": str(state.params[0].b_enc.sharding.spec),
+            "b_dec": str(state.params[0].b_dec.sharding.spec),
+            "log_threshold": str(state.params[0].log_threshold.sharding.spec),
             "nu_W_enc": sorted({str(p.W_enc.sharding.spec) for p in nu_params}),
             "nu_W_dec": sorted({str(p.W_dec.sharding.spec) for p in nu_params}),
-            "W_enc_shard_shape": list(state.params["w64"].W_enc.addressable_shards[0].data.shape),
+            "W_enc_shard_shape": list(state.params[0].W_enc.addressable_shards[0].data.shape),
         }
     for name in MESHES:
         worst = 0.0

@@ -26,12 +26,12 @@ def test_meshes_agree_and_shard_as_configured(tmp_path):
     assert specs["data2_latent4"]["mesh"] == {"data": 2, "latent": 4}
     for name in ("data2_latent4", "latent8"):
         s = specs[name]
-        assert s["W_enc"] == "P(None, None, 'latent')"
-        assert s["W_dec"] == "P(None, 'latent', None)"
-        assert s["b_enc"] == s["log_threshold"] == "P(None, 'latent')"
-        assert s["b_dec"] == "P(None, None)"
-        assert s["nu_W_enc"] == ["P(None, None, 'latent')"]
-        assert s["nu_W_dec"] == ["P(None, 'latent', None)"]
+        assert s["W_enc"] == "P(None, 'latent')"
+        assert s["W_dec"] == "P('latent', None)"
+        assert s["b_enc"] == s["log_threshold"] == "P('latent',)"
+        assert s["b_dec"] == "P(None,)"
+        assert s["nu_W_enc"] == ["P(None, 'latent')"]
+        assert s["nu_W_dec"] == ["P('latent', None)"]
     latent = int(specs["data2_latent4"]["mesh"]["latent"])
-    assert specs["data2_latent4"]["W_enc_shard_shape"] == [2, 32, 64 // latent]
-    assert specs["data8"]["W_enc_shard_shape"] == [2, 32, 64]  # replicated when latent = 1
+    assert specs["data2_latent4"]["W_enc_shard_shape"] == [32, 64 // latent]
+    assert specs["data8"]["W_enc_shard_shape"] == [32, 64]  # replicated when latent = 1

@@ -6,6 +6,7 @@ import argparse
 
 
 def add_benchmarks(commands: argparse._SubParsersAction) -> None:
-    from gemmascope.bench import harvest
+    from gemmascope.bench import harvest, train_step
 
     harvest.add_parser(commands)
+    train_step.add_parser(commands)

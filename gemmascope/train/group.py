@@ -1,9 +1,8 @@
 """One jitted step for a group of SAEs on one activation stream.
 
-SAEs of equal width are stacked along a leading axis and run under `vmap` (each with
-its own sparsity coefficient); different widths are separate stacks in the same step.
-The batch is converted and normalised once, then shared by every SAE; the summed loss
-gives each SAE exactly its own gradient because no parameter is shared.
+Each SAE of the group (any widths, each with its own sparsity coefficient) has its own
+parameters; the batch is converted and normalised once and shared by all of them, and
+the summed loss gives each SAE exactly its own gradient because no parameter is shared.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from gemmascope.config import TrainConfig
@@ -31,34 +29,30 @@ from gemmascope.train.optim import (
 @dataclass(frozen=True)
 class Group:
     d_in: int
-    # width -> sparsity coefficients of the SAEs of that width, in job order
-    members: tuple[tuple[int, tuple[float, ...]], ...]
+    saes: tuple[tuple[int, float], ...]  # (width, sparsity) of each SAE, in job order
 
     @classmethod
     def of(cls, d_in: int, saes: list[tuple[int, float]]) -> Group:
-        by_width: dict[int, list[float]] = {}
-        for width, sparsity in saes:
-            by_width.setdefault(width, []).append(sparsity)
-        return cls(d_in, tuple((w, tuple(s)) for w, s in by_width.items()))
-
-    @staticmethod
-    def key(width: int) -> str:
-        return f"w{width}"
+        return cls(d_in, tuple((int(w), float(s)) for w, s in saes))
 
     @property
     def size(self) -> int:
-        return sum(len(s) for _, s in self.members)
+        return len(self.saes)
+
+    def name(self, index: int) -> str:
+        width, sparsity = self.saes[index]
+        return f"w{width}-s{sparsity:g}"
 
 
 class TrainState(NamedTuple):
-    params: dict[str, JumpReLUParams]  # stacked [n_saes_of_width, ...] per width
+    params: tuple[JumpReLUParams, ...]  # one per SAE of the group
     opt_state: Any
     step: jax.Array
-    since_fired: dict[str, jax.Array]  # [n_saes_of_width, width] steps since each latent fired
+    since_fired: tuple[jax.Array, ...]  # [width] steps since each latent last fired, per SAE
 
 
-def _labels(params: dict[str, JumpReLUParams]):
-    return {k: JumpReLUParams("main", "main", "main", "main", "threshold") for k in params}
+def _labels(params: tuple[JumpReLUParams, ...]):
+    return tuple(JumpReLUParams("main", "main", "main", "main", "threshold") for _ in params)
 
 
 def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -69,14 +63,11 @@ def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def init_state(group: Group, config: TrainConfig, key: jax.Array) -> TrainState:
-    params = {}
-    for index, (width, sparsities) in enumerate(group.members):
-        keys = jax.random.split(jax.random.fold_in(key, index), len(sparsities))
-        stacked = [init_params(k, group.d_in, width, config.threshold_init) for k in keys]
-        params[Group.key(width)] = jax.tree.map(lambda *xs: jnp.stack(xs), *stacked)
-    optimizer = build_optimizer(config)
-    since_fired = {k: jnp.zeros(p.b_enc.shape, jnp.int32) for k, p in params.items()}
-    return TrainState(params, optimizer.init(params), jnp.zeros([], jnp.int32), since_fired)
+    keys = jax.random.split(key, group.size)
+    params = tuple(init_params(k, group.d_in, width, config.threshold_init)
+                   for k, (width, _) in zip(keys, group.saes, strict=True))
+    since_fired = tuple(jnp.zeros(p.b_enc.shape, jnp.int32) for p in params)
+    return TrainState(params, build_optimizer(config).init(params), jnp.zeros([], jnp.int32), since_fired)
 
 
 def sharded_layout(group: Group, config: TrainConfig, mesh) -> tuple[Any, Any]:
@@ -94,11 +85,14 @@ def initial_state(group: Group, config: TrainConfig, shardings) -> TrainState:
 
 
 def make_train_step(group: Group, config: TrainConfig, scale: float):
-    """(state, raw batch [B, d_in]) -> (new state, metrics); pure, for `jax.jit`."""
+    """(state, raw batch [B, d_in]) -> (new state, metrics); pure, for `jax.jit`.
+
+    The SAEs are unrolled, not vmapped: each keeps plain 2-D matmuls, which XLA runs at
+    full speed on every backend, while the batch is still converted once for all.
+    """
     optimizer = build_optimizer(config)
     factor = sparsity_schedule(config.sparsity_warmup_steps)
     lr = warmup_schedule(config.lr, config.lr_warmup_steps, config.steps, config.lr_decay)
-    sparsities = {Group.key(w): np.asarray(s, np.float32) for w, s in group.members}
     dead_after = max(1, config.dead_window_tokens // config.batch_size)
     inverse_scale = 1.0 / scale
 
@@ -107,33 +101,27 @@ def make_train_step(group: Group, config: TrainConfig, scale: float):
         lam = factor(state.step)
 
         def total_loss(params):
-            total, outputs = 0.0, {}
-            for key, stacked in params.items():
-                losses, out = jax.vmap(loss_fn, in_axes=(0, None, 0, None))(
-                    stacked, x, sparsities[key] * lam, config.bandwidth)
-                total = total + jnp.sum(losses)
-                outputs[key] = out
-            return total, outputs
+            outputs = [loss_fn(p, x, sparsity * lam, config.bandwidth)
+                       for p, (_, sparsity) in zip(params, group.saes, strict=True)]
+            return sum(loss for loss, _ in outputs), tuple(out for _, out in outputs)
 
         (_, outputs), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)
-        grads = {k: g._replace(W_dec=remove_parallel_component(g.W_dec, state.params[k].W_dec))
-                 for k, g in grads.items()}
+        grads = tuple(g._replace(W_dec=remove_parallel_component(g.W_dec, p.W_dec))
+                      for g, p in zip(grads, state.params, strict=True))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        params = {k: p._replace(W_dec=unit_rows(p.W_dec)) for k, p in params.items()}
-        since_fired = {k: jnp.where(outputs[k].fired, 0, state.since_fired[k] + 1) for k in params}
+        params = tuple(p._replace(W_dec=unit_rows(p.W_dec)) for p in params)
+        since_fired = tuple(jnp.where(out.fired, 0, count + 1)
+                            for out, count in zip(outputs, state.since_fired, strict=True))
         metrics = {
-            k: {
-                "loss": out.loss,
-                "mse": out.mse,
-                "l0": out.l0,
-                "fvu": out.error_sum / out.total_variance,
-                "dead_fraction": jnp.mean(since_fired[k] >= dead_after, axis=-1),
-            }
-            for k, out in outputs.items()
+            "loss": jnp.stack([out.loss for out in outputs]),
+            "mse": jnp.stack([out.mse for out in outputs]),
+            "l0": jnp.stack([out.l0 for out in outputs]),
+            "fvu": jnp.stack([out.error_sum / out.total_variance for out in outputs]),
+            "dead_fraction": jnp.stack([jnp.mean(count >= dead_after) for count in since_fired]),
+            "lr": lr(state.step),
+            "sparsity_factor": lam,
         }
-        metrics["lr"] = lr(state.step)
-        metrics["sparsity_factor"] = lam
         return TrainState(params, opt_state, state.step + 1, since_fired), metrics
 
     return train_step

@@ -14,14 +14,14 @@ from jax.sharding import PartitionSpec as P
 from gemmascope.config import TrainConfig
 from gemmascope.errors import UserError
 
-# Partitioning of each JumpReLU field, for arrays stacked over the SAEs of a group.
+# Partitioning of each JumpReLU field (and of the per-latent firing counters).
 FIELD_SPECS = {
-    "W_enc": P(None, None, "latent"),
-    "W_dec": P(None, "latent", None),
-    "b_enc": P(None, "latent"),
-    "b_dec": P(None, None),
-    "log_threshold": P(None, "latent"),
-    "since_fired": P(None, "latent"),
+    "W_enc": P(None, "latent"),
+    "W_dec": P("latent", None),
+    "b_enc": P("latent"),
+    "b_dec": P(None),
+    "log_threshold": P("latent"),
+    "since_fired": P("latent"),
 }
 
 

@@ -84,21 +84,14 @@ class _MetricsLog:
         storage.write_bytes_atomic(self.url, ("\n".join(self.lines) + "\n").encode())
 
 
-def _records(job: Job, group: Group, metrics: dict, step: int, tokens_per_s: float, batch: int,
-             skipped: int) -> list[dict]:
-    records = []
-    for width, sparsities in group.members:
-        per_width = metrics[Group.key(width)]
-        for index, sparsity in enumerate(sparsities):
-            records.append({
-                "step": step, "sae": f"w{width}-s{sparsity:g}", "width": width, "sparsity": sparsity,
-                "l0": float(per_width["l0"][index]), "mse": float(per_width["mse"][index]),
-                "fvu": float(per_width["fvu"][index]), "loss": float(per_width["loss"][index]),
-                "dead_fraction": float(per_width["dead_fraction"][index]),
-                "lambda": sparsity * float(metrics["sparsity_factor"]), "lr": float(metrics["lr"]),
-                "tokens": step * batch, "tokens_per_s": tokens_per_s, "nonfinite_rows_skipped": skipped,
-            })
-    return records
+def _records(group: Group, metrics: dict, step: int, tokens_per_s: float, batch: int, skipped: int) -> list[dict]:
+    return [{
+        "step": step, "sae": group.name(i), "width": width, "sparsity": sparsity,
+        "l0": float(metrics["l0"][i]), "mse": float(metrics["mse"][i]), "fvu": float(metrics["fvu"][i]),
+        "loss": float(metrics["loss"][i]), "dead_fraction": float(metrics["dead_fraction"][i]),
+        "lambda": sparsity * float(metrics["sparsity_factor"]), "lr": float(metrics["lr"]),
+        "tokens": step * batch, "tokens_per_s": tokens_per_s, "nonfinite_rows_skipped": skipped,
+    } for i, (width, sparsity) in enumerate(group.saes)]
 
 
 def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainResult:
@@ -172,7 +165,7 @@ def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainRes
                     now = time.perf_counter()
                     rate = (done - window_step) * cfg.batch_size / (now - window_start)
                     window_start, window_step = now, done
-                    records = _records(job, group, metrics, done, rate, cfg.batch_size, loader.state.skipped_rows)
+                    records = _records(group, metrics, done, rate, cfg.batch_size, loader.state.skipped_rows)
                     for record in records:
                         metrics_log.write(record)
                     bar.set_postfix(l0=f"{records[0]['l0']:.1f}", fvu=f"{records[0]['fvu']:.3f}",
@@ -205,19 +198,14 @@ def _main_thread() -> bool:
 def _export(directory: str, job: Job, group: Group, state, scale: float, normalisation: dict) -> None:
     """Write each SAE at release scale, then done.json (the job's commit point)."""
     params = jax.device_get(state.params)
-    names = []
-    for width, sparsities in group.members:
-        stacked = params[Group.key(width)]
-        for index, sparsity in enumerate(sparsities):
-            name = f"w{width}-s{sparsity:g}"
-            one = jax.tree.map(lambda a, i=index: np.asarray(a[i]), stacked)
-            buffer = io.BytesIO()
-            np.savez(buffer, **to_release(one, scale))
-            sae_dir = storage.join(directory, "saes", name)
-            storage.write_bytes_atomic(storage.join(sae_dir, "params.npz"), buffer.getvalue())
-            storage.write_json_atomic(storage.join(sae_dir, "sae.json"), {
-                "site": job.site, "layer": job.layer, "width": width, "sparsity": sparsity,
-                "d_in": group.d_in, "scale": scale, "steps": int(state.step)})
-            names.append(name)
-    storage.write_json_atomic(storage.join(directory, "done.json"),
-                              {"saes": names, "steps": int(state.step), "normalisation": normalisation})
+    for index, (width, sparsity) in enumerate(group.saes):
+        buffer = io.BytesIO()
+        np.savez(buffer, **to_release(params[index], scale))
+        sae_dir = storage.join(directory, "saes", group.name(index))
+        storage.write_bytes_atomic(storage.join(sae_dir, "params.npz"), buffer.getvalue())
+        storage.write_json_atomic(storage.join(sae_dir, "sae.json"), {
+            "site": job.site, "layer": job.layer, "width": width, "sparsity": sparsity,
+            "d_in": group.d_in, "scale": scale, "steps": int(state.step)})
+    storage.write_json_atomic(storage.join(directory, "done.json"), {
+        "saes": [group.name(i) for i in range(group.size)], "steps": int(state.step),
+        "normalisation": normalisation})

@@ -1,0 +1,100 @@
+"""`gemmascope bench train-step`: the JumpReLU training step against this machine's matmul rate.
+
+A dense JumpReLU step is counted as 10 * batch * d_in * width FLOPs (two forward
+matmuls, three backward: the encoder input needs no gradient), and compared with a
+plain [batch, d_in] x [d_in, width] float32 matmul timed in the same run. With
+`--group G` the step trains G SAEs at once, and a single-SAE step is timed too, so the
+cost of sharing one batch across G SAEs is reported as a ratio to G single steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+from gemmascope.config import TrainConfig
+from gemmascope.train.group import Group, initial_state, make_train_step, sharded_layout
+from gemmascope.train.mesh import batch_sharding, make_mesh
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("train-step", help="SAE training steps/s and FLOP/s against matmul FLOP/s")
+    parser.add_argument("--d-in", type=int, default=640)
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--group", type=int, default=1, help="SAEs trained together on each batch")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dtype of the activations fed to the step (the store's dtype)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run)
+
+
+def _time(fn, repeats: int) -> float:
+    """Best seconds per call over `repeats` calls (after one warm-up call)."""
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+def step_seconds(d_in: int, width: int, batch: int, group: int, dtype: str, steps: int) -> float:
+    config = TrainConfig(tokens=batch * 10**6, batch_size=batch, shuffle_rows=batch, sparsity_warmup_steps=1)
+    members = Group.of(d_in, [(width, 1e-3 * (i + 1)) for i in range(group)])
+    mesh = make_mesh(config)
+    _, shardings = sharded_layout(members, config, mesh)
+    state = initial_state(members, config, shardings)
+    step = jax.jit(make_train_step(members, config, scale=1.0), in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, None), donate_argnums=0)
+    x = jax.random.normal(jax.random.key(1), (batch, d_in), jnp.float32).astype(dtype)
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = step(holder["state"], x)
+        return holder["state"].step
+
+    return _time(one_step, steps)
+
+
+def matmul_flops_per_s(d_in: int, width: int, batch: int, repeats: int) -> float:
+    x = jax.random.normal(jax.random.key(2), (batch, d_in), jnp.float32)
+    w = jax.random.normal(jax.random.key(3), (d_in, width), jnp.float32)
+    matmul = jax.jit(lambda a, b: a @ b)
+    return 2.0 * batch * d_in * width / _time(lambda: matmul(x, w), repeats)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    seconds = step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps)
+    flops = 10.0 * args.batch * args.d_in * args.width * args.group
+    matmul = matmul_flops_per_s(args.d_in, args.width, args.batch, max(args.steps, 5))
+    result = {
+        "d_in": args.d_in, "width": args.width, "batch": args.batch, "group": args.group, "dtype": args.dtype,
+        "devices": [str(d) for d in jax.devices()][:1] + ([f"... {len(jax.devices())} total"] if len(jax.devices()) > 1 else []),
+        "step_seconds": seconds,
+        "steps_per_s": 1.0 / seconds,
+        "tokens_per_s": args.batch / seconds,
+        "flops_per_s": flops / seconds,
+        "matmul_flops_per_s": matmul,
+        "fraction_of_matmul": flops / seconds / matmul,
+    }
+    if args.group > 1:
+        single = step_seconds(args.d_in, args.width, args.batch, 1, args.dtype, args.steps)
+        result["single_step_seconds"] = single
+        result["group_cost_vs_singles"] = seconds / (args.group * single)
+    return result
+
+
+def run(args: argparse.Namespace) -> None:
+    result = measure(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}: {value}")
