@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from gemmascope.config import TrainConfig
-from gemmascope.train.jumprelu import JumpReLUParams, init_params, loss_fn
+from gemmascope.train.jumprelu import JumpReLUParams, fused_loss_fn, init_params
 from gemmascope.train.mesh import tree_shardings
 from gemmascope.train.optim import (
     make_optimizer,
@@ -101,7 +101,7 @@ def make_train_step(group: Group, config: TrainConfig, scale: float):
         lam = factor(state.step)
 
         def total_loss(params):
-            outputs = [loss_fn(p, x, sparsity * lam, config.bandwidth)
+            outputs = [fused_loss_fn(p, x, sparsity * lam, config.bandwidth)
                        for p, (_, sparsity) in zip(params, group.saes, strict=True)]
             return sum(loss for loss, _ in outputs), tuple(out for _, out in outputs)
 
