@@ -37,13 +37,13 @@ def _train(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     from gemmascope.config import load_config
-    from gemmascope.harvest.driver import run_harvest
+    from gemmascope.pipeline import run_pipeline
 
     path = REPO_CONFIGS / "demo.yaml"
     config = load_config(path, [f"run_dir={args.out}"])
-    logging.getLogger("gemmascope").info("demo: harvesting %s into %s", path.name, args.out)
-    summary = run_harvest(config, ray_address=args.ray_address, progress=not args.no_progress)
-    print(summary.line())
+    logging.getLogger("gemmascope").info("demo: %s -> %s (harvest, then train)", path, args.out)
+    for line in run_pipeline(config, ray_address=args.ray_address, progress=not args.no_progress):
+        print(line)
 
 
 def build_parser() -> argparse.ArgumentParser:
