@@ -7,7 +7,7 @@ OUT ?= runs/demo
 CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench lint harvest clean
+.PHONY: demo test test-slow bench lint harvest train clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,12 +28,18 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/gemmascope bench harvest --json
+	$(BIN)/gemmascope bench train-step --d-in 640 --width 4096 --batch 1024 --json
+	$(BIN)/gemmascope bench train-step --d-in 2304 --width 16384 --batch 256 --json
+	$(BIN)/gemmascope bench train-step --d-in 640 --width 4096 --batch 1024 --group 8 --json
 
 lint: $(STAMP)
 	$(BIN)/ruff check gemmascope tests
 
 harvest: $(STAMP)
 	$(BIN)/gemmascope harvest $(CONFIG)
+
+train: $(STAMP)
+	$(BIN)/gemmascope train $(CONFIG) --job $(JOB)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
