@@ -50,19 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemmascope", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    harvest = commands.add_parser("harvest", help="harvest activations into RUN/activations (resumable)")
-    harvest.add_argument("config", help="YAML config file")
-    harvest.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. harvest.layers=[3,6]")
-    harvest.add_argument("--ray-address", default=None, help="attach to this Ray cluster ('auto' for the local one); default: start one")
-    harvest.add_argument("--no-progress", action="store_true", help="no progress bars")
-    harvest.set_defaults(run=_harvest)
+    def config_command(name: str, help_text: str, run) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("config", help="YAML config file")
+        command.add_argument("overrides", nargs="*", metavar="key=value",
+                             help="config overrides, e.g. harvest.layers=[3,6]")
+        command.add_argument("--no-progress", action="store_true", help="no progress bars")
+        command.set_defaults(run=run)
+        return command
 
-    train = commands.add_parser("train", help="train one job's SAEs in this process (resumable)")
-    train.add_argument("config", help="YAML config file")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    train.add_argument("--job", required=True, help="job id, e.g. res-L6 (see `gemmascope plan`)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.set_defaults(run=_train)
+    harvest = config_command("harvest", "harvest activations into RUN/activations (resumable)", _harvest)
+    harvest.add_argument("--ray-address", default=None,
+                         help="attach to this Ray cluster ('auto' for the local one); default: start one")
+    train = config_command("train", "train one job's SAEs in this process (resumable)", _train)
+    train.add_argument("--job", required=True, help="job id: SITE-LLAYER, e.g. res-L6")
 
     demo = commands.add_parser("demo", help="the pipeline on Gemma 3 270M and the offline demo corpus")
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")

@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
+
+
+def report(result: dict, as_json: bool) -> None:
+    """One JSON object (for scripts and `make bench`), or an aligned table for people."""
+    if as_json:
+        print(json.dumps(result))
+        return
+    width = max(len(key) for key in result)
+    for key, value in result.items():
+        print(f"{key:>{width}}: {value}")
 
 
 def add_benchmarks(commands: argparse._SubParsersAction) -> None:

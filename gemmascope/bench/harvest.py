@@ -9,7 +9,6 @@ and the best repetition of each is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -42,12 +41,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    result = measure(args)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>28}: {value}")
+    from gemmascope.bench import report
+
+    report(measure(args), args.json)
 
 
 def measure(args: argparse.Namespace) -> dict:

@@ -10,7 +10,6 @@ cost of sharing one batch across G SAEs is reported as a ratio to G single steps
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
@@ -92,9 +91,6 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    result = measure(args)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>24}: {value}")
+    from gemmascope.bench import report
+
+    report(measure(args), args.json)
