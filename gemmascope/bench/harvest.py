@@ -72,7 +72,7 @@ def measure(args: argparse.Namespace) -> dict:
             create_array(paths.array_url(activations, site, layer), n_rows=layout.n_rows,
                          d_in=site_width(site, info.d_model, info.n_heads, info.head_dim),
                          dtype=args.store_dtype, shard_rows=shard_rows, chunk_rows=512)
-        sequences = [s[1] for s in worker._unit_sequences(layout, 0, layout.n_rows)]
+        sequences = [s[1] for s in worker.unit_sequences(layout, 0, layout.n_rows)]
         batches = [torch.from_numpy(np.stack(sequences[i:i + args.batch_size]).astype(np.int64))
                    for i in range(0, len(sequences), args.batch_size)]
         positions = sum(b.numel() for b in batches)

@@ -89,7 +89,7 @@ class HarvestWorker:
         )
 
     # Phase 2 ---------------------------------------------------------------------
-    def _unit_sequences(self, layout: Layout, start: int, stop: int):
+    def unit_sequences(self, layout: Layout, start: int, stop: int):
         """Yield (global sequence id, ids, role, document ids, first row) overlapping [start, stop)."""
         row_offsets, seq_offsets, doc_offsets = layout.row_offsets, layout.sequence_offsets, layout.document_offsets
         for shard in layout.shards_of_rows(start, stop):
@@ -142,7 +142,7 @@ class HarvestWorker:
             token_columns["token"].append(ids[select])
             token_columns["document"].append(np.stack([b[3] for b in batch])[select].astype(np.int64))
 
-        for item in self._unit_sequences(layout, start, stop):
+        for item in self.unit_sequences(layout, start, stop):
             batch.append(item)
             n_sequences += 1
             if len(batch) == self.config.harvest.batch_size:
