@@ -101,6 +101,20 @@ def max_rel_error(got, expected) -> float:
     return float(np.abs(got - expected).max() / (scale if scale > 0 else 1.0))
 
 
+def random_params(rng: np.random.Generator, d_in: int, d_sae: int, *, b_enc_scale: float,
+                  b_dec_scale: float, theta_range: tuple[float, float]) -> dict[str, np.ndarray]:
+    """Random SAE parameters (unit-norm decoder rows, non-zero biases), as numpy arrays."""
+    W_dec = rng.normal(size=(d_sae, d_in))
+    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    return {
+        "W_enc": rng.normal(size=(d_in, d_sae)) / np.sqrt(d_in),
+        "b_enc": rng.normal(size=d_sae) * b_enc_scale,
+        "W_dec": W_dec,
+        "b_dec": rng.normal(size=d_in) * b_dec_scale,
+        "log_threshold": np.log(rng.uniform(*theta_range, size=d_sae)),
+    }
+
+
 def band_params(key: int, d_in: int, d_sae: int, batch: int, eps: float):
     """Random params and inputs where many pre-activations sit inside the kernel band.
 
@@ -108,15 +122,7 @@ def band_params(key: int, d_in: int, d_sae: int, batch: int, eps: float):
     [0.1, 0.4] (positive and negative): inside the band, on both sides of the jump.
     """
     rng = np.random.default_rng(key)
-    W_dec = rng.normal(size=(d_sae, d_in))
-    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
-    p = {
-        "W_enc": rng.normal(size=(d_in, d_sae)) / np.sqrt(d_in),
-        "b_enc": rng.normal(size=d_sae) * 0.1,
-        "W_dec": W_dec,
-        "b_dec": rng.normal(size=d_in) * 0.1,
-        "log_threshold": np.log(rng.uniform(0.05, 0.5, size=d_sae)),
-    }
+    p = random_params(rng, d_in, d_sae, b_enc_scale=0.1, b_dec_scale=0.1, theta_range=(0.05, 0.5))
     x = rng.normal(size=(batch, d_in)) / np.sqrt(d_in)
     p = {k: v.astype(np.float32).astype(np.float64) for k, v in p.items()}
     x = x.astype(np.float32).astype(np.float64)

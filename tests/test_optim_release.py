@@ -26,7 +26,7 @@ from gemmascope.train.optim import (
     warmup_schedule,
 )
 from gemmascope.train.release import RELEASE_KEYS, release_decode, release_encode, to_release
-from tests.test_jumprelu import FIELDS, as64, max_rel_error, np_forward, np_grads
+from tests.test_jumprelu import FIELDS, as64, max_rel_error, np_forward, np_grads, random_params
 
 # ----------------------------------------------------------------------------------------
 # Adam without momentum
@@ -145,15 +145,7 @@ def test_remove_parallel_component_and_unit_rows():
 def test_release_reparameterisation():
     C, d_in, d_sae, batch = 37.5, 16, 64, 200
     rng = np.random.default_rng(2)
-    W_dec = rng.normal(size=(d_sae, d_in))
-    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
-    train = {
-        "W_enc": rng.normal(size=(d_in, d_sae)) / np.sqrt(d_in),
-        "b_enc": rng.normal(size=d_sae) * 0.2,
-        "W_dec": W_dec,
-        "b_dec": rng.normal(size=d_in) * 0.3,
-        "log_threshold": np.log(rng.uniform(0.02, 0.4, size=d_sae)),
-    }
+    train = random_params(rng, d_in, d_sae, b_enc_scale=0.2, b_dec_scale=0.3, theta_range=(0.02, 0.4))
     train = {k: v.astype(np.float32) for k, v in train.items()}
     x_raw = (rng.normal(size=(batch, d_in)) * C / np.sqrt(d_in)).astype(np.float32)
 
