@@ -17,12 +17,11 @@ import numpy as np
 import torch
 
 from gemmascope.config import Config, HarvestConfig, ModelConfig, SourceConfig
+from gemmascope.harvest.driver import array_specs, create_arrays
 from gemmascope.harvest.sources import list_shards
-from gemmascope.harvest.worker import HarvestWorker, resolve_keys
+from gemmascope.harvest.worker import HarvestWorker
 from gemmascope.models.capture import bare_forward
-from gemmascope.models.sites import site_width
 from gemmascope.store import paths
-from gemmascope.store.arrays import create_array
 from gemmascope.store.layout import Layout
 
 
@@ -68,10 +67,7 @@ def measure(args: argparse.Namespace) -> dict:
             if sum(s.n_rows for s in stats) >= args.tokens:
                 break
         layout = Layout.plan(stats, args.tokens, unit_rows)
-        for site, layer in resolve_keys(config, info.n_layers):
-            create_array(paths.array_url(activations, site, layer), n_rows=layout.n_rows,
-                         d_in=site_width(site, info.d_model, info.n_heads, info.head_dim),
-                         dtype=args.store_dtype, shard_rows=shard_rows, chunk_rows=512)
+        create_arrays(config, activations, array_specs(config, info), layout.n_rows)
         sequences = [s[1] for s in worker.unit_sequences(layout, 0, layout.n_rows)]
         batches = [torch.from_numpy(np.stack(sequences[i:i + args.batch_size]).astype(np.int64))
                    for i in range(0, len(sequences), args.batch_size)]
@@ -104,7 +100,7 @@ def measure(args: argparse.Namespace) -> dict:
             "stored_rows_per_s": layout.n_rows / harvest,
             "overhead": harvest / bare - 1.0,
             "store_bytes_per_s": layout.n_rows * sum(
-                site_width(s, info.d_model, info.n_heads, info.head_dim) for s, _ in worker.keys
+                info.site_width(site) for site, _ in worker.keys
             ) * (2 if args.store_dtype == "bfloat16" else 4) / harvest,
             "bare_seconds": bare_times,
             "harvest_seconds": harvest_times,

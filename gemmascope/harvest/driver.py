@@ -25,7 +25,6 @@ from gemmascope.harvest.actors import HarvestActor, actor_options, connect
 from gemmascope.harvest.sources import SourceShard, list_shards
 from gemmascope.harvest.worker import resolve_keys
 from gemmascope.models.loading import ModelInfo, model_info
-from gemmascope.models.sites import site_width
 from gemmascope.store import paths
 from gemmascope.store.arrays import create_array
 from gemmascope.store.layout import Layout
@@ -62,16 +61,27 @@ def check_layers(config: Config, info: ModelInfo) -> None:
             )
 
 
+def array_specs(config: Config, info: ModelInfo) -> list[dict]:
+    """(site, layer, d_in) of every array the harvest writes."""
+    return [{"site": site, "layer": layer, "d_in": info.site_width(site)}
+            for site, layer in resolve_keys(config, info.n_layers)]
+
+
+def create_arrays(config: Config, activations: str, arrays: list[dict], n_rows: int) -> None:
+    """Create (or check) the zarr3 array of every (site, layer) for `n_rows` rows."""
+    h = config.harvest
+    for array in arrays:
+        create_array(paths.array_url(activations, array["site"], array["layer"]), n_rows=n_rows,
+                     d_in=array["d_in"], dtype=h.store_dtype, shard_rows=h.shard_rows,
+                     chunk_rows=h.chunk_rows)
+
+
 def _header(config: Config, info: ModelInfo) -> dict:
     h = config.harvest
-    arrays = [
-        {"site": site, "layer": layer, "d_in": site_width(site, info.d_model, info.n_heads, info.head_dim)}
-        for site, layer in resolve_keys(config, info.n_layers)
-    ]
     return {
         "identity": config.harvest_identity(),
         "model": asdict(info),
-        "arrays": arrays,
+        "arrays": array_specs(config, info),
         "storage": {"format": h.output_format, "dtype": h.store_dtype, "unit_rows": h.unit_rows,
                     "shard_rows": h.shard_rows, "chunk_rows": h.chunk_rows,
                     "context_length": h.context_length},
@@ -236,10 +246,7 @@ def _harvest_units(config: Config, ledger: HarvestLedger, layout: Layout, activa
                    pool: _Pool, progress: bool) -> tuple[int, int, float]:
     h = config.harvest
     if h.output_format == "zarr3":
-        for array in ledger.data["arrays"]:
-            create_array(paths.array_url(activations, array["site"], array["layer"]),
-                         n_rows=layout.n_rows, d_in=array["d_in"], dtype=h.store_dtype,
-                         shard_rows=h.shard_rows, chunk_rows=h.chunk_rows)
+        create_arrays(config, activations, ledger.data["arrays"], layout.n_rows)
     committed = ledger.committed_units
     todo = [u for u in range(layout.n_units) if u not in committed]
     done_rows = sum(layout.unit_range(u)[1] - layout.unit_range(u)[0] for u in committed)

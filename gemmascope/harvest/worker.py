@@ -16,11 +16,10 @@ import pyarrow as pa
 import torch
 
 from gemmascope.config import Config
-from gemmascope.harvest.packing import PackedSequences, tokenize_and_pack
+from gemmascope.harvest.packing import ROLE_TEXT, PackedSequences, tokenize_and_pack
 from gemmascope.harvest.sources import SourceShard, read_documents
 from gemmascope.models.capture import ActivationCapture
 from gemmascope.models.loading import LoadedModel, load_model
-from gemmascope.models.sites import site_width
 from gemmascope.store import paths
 from gemmascope.store.arrays import NUMPY_DTYPES, open_array
 from gemmascope.store.layout import Layout, ShardStats
@@ -109,7 +108,7 @@ class HarvestWorker:
                 array = open_array(paths.array_url(self.activations, *key), write=True)
                 writers[key] = ZarrRowWriter(array, start, stop, h.shard_rows)
             else:
-                width = site_width(key[0], info.d_model, info.n_heads, info.head_dim)
+                width = info.site_width(key[0])
                 writers[key] = ParquetRowWriter(paths.parquet_part_url(self.activations, *key, unit),
                                                 width, h.store_dtype, stop - start, h.shard_rows)
         return writers
@@ -124,7 +123,7 @@ class HarvestWorker:
 
         def run(batch: list) -> None:
             ids = np.stack([b[1] for b in batch])
-            keep = np.stack([b[2] for b in batch]) == 0
+            keep = np.stack([b[2] for b in batch]) == ROLE_TEXT
             rows = np.cumsum(keep, axis=1) - 1 + np.array([b[4] for b in batch])[:, None]
             select = keep & (rows >= start) & (rows < stop)
             flat = torch.from_numpy(np.flatnonzero(select)).to(self.loaded.device)

@@ -23,7 +23,7 @@ from typing import Any
 from gemmascope import storage
 from gemmascope.config import ModelConfig
 from gemmascope.errors import UserError
-from gemmascope.models.sites import check_layer_modules
+from gemmascope.models.sites import check_layer_modules, site_width
 
 SUPPORTED_MODEL_TYPES = {"gemma2": "gemma2", "gemma3_text": "gemma3"}
 
@@ -44,6 +44,10 @@ class ModelInfo:
     n_heads: int
     head_dim: int
     vocab_size: int
+
+    def site_width(self, site: str) -> int:
+        """d_in of `site`'s activations in this model."""
+        return site_width(site, self.d_model, self.n_heads, self.head_dim)
 
 
 @dataclass

@@ -113,12 +113,14 @@ class ActivationStore:
             out[lo - start:hi - start] = values.astype(bits, copy=False).view(self.dtype).reshape(hi - lo, -1)
         return out
 
-    def blocks(self) -> list[tuple[int, int]]:
-        """Committed rows cut into `chunk_rows` blocks (the unit of random reads)."""
+    def blocks(self, stop_row: int | None = None) -> list[tuple[int, int]]:
+        """Committed rows (below `stop_row`, if given) cut into `chunk_rows` blocks, the
+        unit of random reads."""
+        limit = self.layout.n_rows if stop_row is None else stop_row
         return [
-            (b, min(b + self.chunk_rows, stop))
+            (b, min(b + self.chunk_rows, stop, limit))
             for start, stop in self.committed_ranges
-            for b in range(start, stop, self.chunk_rows)
+            for b in range(start, min(stop, limit), self.chunk_rows)
         ]
 
     def read_blocks(self, site: str, layer: int, blocks: list[tuple[int, int]]) -> list[np.ndarray]:

@@ -33,7 +33,7 @@ class ActivationLoader:
                  place=None, start: LoaderState = LoaderState()):
         self.store, self.site, self.layer = store, site, layer
         self.batch_size, self.seed, self.nonfinite = batch_size, seed, nonfinite
-        self.blocks = [(a, min(b, stop_row)) for a, b in store.blocks() if a < stop_row]
+        self.blocks = store.blocks(stop_row)
         if sum(b - a for a, b in self.blocks) < batch_size:
             raise UserError(f"{store.url}: {site} layer {layer} has {sum(b - a for a, b in self.blocks)} "
                             f"training rows, fewer than one batch ({batch_size})")

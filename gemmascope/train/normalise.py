@@ -15,7 +15,7 @@ from gemmascope.store import ActivationStore
 
 def estimate_scale(store: ActivationStore, site: str, layer: int, *, sample_rows: int, stop_row: int,
                    seed: int) -> dict:
-    blocks = [(a, min(b, stop_row)) for a, b in store.blocks() if a < stop_row]
+    blocks = store.blocks(stop_row)
     order = np.random.default_rng([seed, 7]).permutation(len(blocks))
     chosen, total = [], 0
     for i in order:
