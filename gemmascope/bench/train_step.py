@@ -5,6 +5,13 @@ matmuls, three backward: the encoder input needs no gradient), and compared with
 plain [batch, d_in] x [d_in, width] float32 matmul timed in the same run. With
 `--group G` the step trains G SAEs at once, and a single-SAE step is timed too, so the
 cost of sharing one batch across G SAEs is reported as a ratio to G single steps.
+
+Two ceilings explain the gap between the step and the reference matmul, both measured in
+the same run: the step's own five matmul shapes timed alone (the weight gradients
+contract over the batch, which runs slower than the reference at small batches), and the
+optimiser's memory floor: Adam must read parameters, gradients and second moments and
+write parameters and moments, 20 bytes per parameter per step, at the machine's
+streaming bandwidth, and no matmul hides that traffic.
 """
 
 from __future__ import annotations
@@ -69,6 +76,41 @@ def matmul_flops_per_s(d_in: int, width: int, batch: int, repeats: int) -> float
     return 2.0 * batch * d_in * width / _time(lambda: matmul(x, w), repeats)
 
 
+def step_matmul_seconds(d_in: int, width: int, batch: int, repeats: int) -> float:
+    """Seconds of the five matmuls of one dense step, each timed alone, summed."""
+    keys = jax.random.split(jax.random.key(4), 5)
+    x = jax.random.normal(keys[0], (batch, d_in), jnp.float32)  # inputs, and the reconstruction error
+    f = jax.random.normal(keys[1], (batch, width), jnp.float32)  # latents, and their gradient
+    w_enc = jax.random.normal(keys[2], (d_in, width), jnp.float32)
+    w_dec = jax.random.normal(keys[3], (width, d_in), jnp.float32)
+    shapes = [
+        (lambda a, b: a @ b, (x, w_enc)),  # pre-activations
+        (lambda a, b: a @ b, (f, w_dec)),  # reconstruction
+        (lambda a, b: a @ b.T, (x, w_dec)),  # gradient to the latents
+        (lambda a, b: a.T @ b, (f, x)),  # decoder gradient
+        (lambda a, b: a.T @ b, (x, f)),  # encoder gradient
+    ]
+    total = 0.0
+    for fn, operands in shapes:
+        compiled = jax.jit(fn)
+        total += _time(lambda compiled=compiled, operands=operands: compiled(*operands), repeats)
+    return total
+
+
+def streaming_bytes_per_s(d_in: int, width: int, repeats: int) -> float:
+    """Bandwidth of an in-place update reading three and writing two [width, d_in] arrays."""
+    keys = jax.random.split(jax.random.key(5), 3)
+    param, grad, moment = (jax.random.normal(k, (width, d_in), jnp.float32) for k in keys)
+    update = jax.jit(lambda p, g, n: (p - 1e-3 * g * n, 0.999 * n + 1e-3 * g * g), donate_argnums=(0, 2))
+    holder = {"state": (param, moment)}
+
+    def one_update():
+        holder["state"] = update(holder["state"][0], grad, holder["state"][1])
+        return holder["state"]
+
+    return 5 * param.nbytes / _time(one_update, repeats)
+
+
 def measure(args: argparse.Namespace) -> dict:
     seconds = step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps)
     flops = 10.0 * args.batch * args.d_in * args.width * args.group
@@ -83,6 +125,16 @@ def measure(args: argparse.Namespace) -> dict:
         "matmul_flops_per_s": matmul,
         "fraction_of_matmul": flops / seconds / matmul,
     }
+    own_matmuls = step_matmul_seconds(args.d_in, args.width, args.batch, max(args.steps, 5)) * args.group
+    optimiser_seconds = 20.0 * 2 * args.d_in * args.width * args.group / streaming_bytes_per_s(
+        args.d_in, args.width, max(args.steps, 5))
+    ideal = flops / matmul
+    result.update({
+        "own_matmuls_seconds": own_matmuls,
+        "fraction_of_own_matmuls": own_matmuls / seconds,
+        "optimiser_memory_floor_seconds": optimiser_seconds,
+        "ceiling_fraction_of_matmul": ideal / (own_matmuls + optimiser_seconds),
+    })
     if args.group > 1:
         single = step_seconds(args.d_in, args.width, args.batch, 1, args.dtype, args.steps)
         result["single_step_seconds"] = single
