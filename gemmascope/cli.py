@@ -7,6 +7,7 @@ for real bugs.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -35,13 +36,43 @@ def _train(args: argparse.Namespace) -> None:
           f"{result.tokens_per_s:,.0f} tokens/s); SAEs in {result.directory}/saes")
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from gemmascope.config import load_config
+    from gemmascope.sweep.plan import format_plan, model_shape, plan
+
+    config = load_config(args.config, args.overrides)
+    result = plan(config, model_shape(config))
+    print(json.dumps(result) if args.json else format_plan(result))
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from gemmascope.config import load_config
+    from gemmascope.sweep.launcher import run_sweep
+
+    config = load_config(args.config, args.overrides)
+    summary = run_sweep(config, ray_address=args.ray_address, progress=not args.no_progress,
+                        retry_failed=args.retry_failed)
+    print(summary.line())
+    if summary.failed:
+        raise UserError(f"{len(summary.failed)} job(s) failed; `gemmascope status {args.config}` shows why; "
+                        "fix the cause and rerun with --retry-failed")
+
+
+def _status(args: argparse.Namespace) -> None:
+    from gemmascope.config import load_config
+    from gemmascope.sweep.status import format_status, status
+
+    result = status(load_config(args.config, args.overrides))
+    print(json.dumps(result) if args.json else format_status(result))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from gemmascope.config import load_config
     from gemmascope.pipeline import run_pipeline
 
     path = REPO_CONFIGS / "demo.yaml"
     config = load_config(path, [f"run_dir={args.out}"])
-    logging.getLogger("gemmascope").info("demo: %s -> %s (harvest, then train)", path, args.out)
+    logging.getLogger("gemmascope").info("demo: %s -> %s (harvest, then the sweep)", path, args.out)
     for line in run_pipeline(config, ray_address=args.ray_address, progress=not args.no_progress):
         print(line)
 
@@ -63,7 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     harvest.add_argument("--ray-address", default=None,
                          help="attach to this Ray cluster ('auto' for the local one); default: start one")
     train = config_command("train", "train one job's SAEs in this process (resumable)", _train)
-    train.add_argument("--job", required=True, help="job id: SITE-LLAYER, e.g. res-L6")
+    train.add_argument("--job", required=True, help="job id as `gemmascope plan` lists it, e.g. res-L6-w2k")
+    plan = config_command("plan", "the SAE grid, its jobs and resources, storage and compute", _plan)
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    sweep = config_command("sweep", "run (or resume) every unfinished job on Ray", _sweep)
+    sweep.add_argument("--ray-address", default=None,
+                       help="attach to this Ray cluster ('auto' for the local one); default: start one")
+    sweep.add_argument("--retry-failed", action="store_true",
+                       help="give failed jobs a fresh set of attempts")
+    status = config_command("status", "each job's state, attempts, last metrics and checkpoint", _status)
+    status.add_argument("--json", action="store_true", help="print one JSON object")
 
     demo = commands.add_parser("demo", help="the pipeline on Gemma 3 270M and the offline demo corpus")
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")

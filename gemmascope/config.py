@@ -17,7 +17,7 @@ from typing import Literal
 import yaml
 
 from gemmascope.errors import ConfigError, InvalidValue
-from gemmascope.models.sites import SITES
+from gemmascope.models.sites import SINGLE_LAYER_SITES, SITES, exists_at
 from gemmascope.typed_yaml import apply_override, from_mapping, to_mapping
 
 
@@ -119,6 +119,9 @@ class HarvestConfig:
         for key, (value, low) in positive.items():
             if value < low:
                 raise InvalidValue(key, value, f"must be >= {low}")
+        for site, layer in SINGLE_LAYER_SITES.items():
+            if site in self.sites and self.layers != "all" and layer not in self.layers:
+                raise InvalidValue("sites", site, f"{site} exists at layer {layer} only; add {layer} to harvest.layers")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise InvalidValue("max_tokens", self.max_tokens, "must be >= 1")
         if self.workers is not None and self.workers < 1:
@@ -132,31 +135,89 @@ class HarvestConfig:
 
 
 @dataclass(frozen=True)
-class SAEGridConfig:
-    # The SAEs to train: every (site, layer) stream gets every width x sparsity.
+class SAEGridEntry:
+    """One block of the SAE grid: every (site, layer) gets every width x sparsity."""
+
     sites: tuple[str, ...] = ("res",)
-    layers: tuple[int, ...] = (6,)
-    # Latents per SAE (Gemma Scope: powers of two from 2^14 to 2^20).
+    # Zero-indexed layers, or "all" (every layer of the model).
+    layers: tuple[int, ...] | Literal["all"] = (6,)
+    # Latents per SAE, powers of two (the release layout names them 16k ... 1m).
     widths: tuple[int, ...] = (16384,)
     # Sparsity coefficients lambda (Gemma Scope: lambda = 6e-4 gave L0 ~ 50 on 9B layer 20 res).
     sparsity: tuple[float, ...] = (6e-4,)
+    # Training tokens per SAE; null: train.tokens (Gemma Scope: 4B for 2^14, 16B for 2^20, else 8B).
+    tokens: int | None = None
+    # The site the SAE reconstructs; null: its input site. A transcoder reads mlp_in and
+    # reconstructs mlp (SPEC.md section 5).
+    target: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("sites", "layers", "widths", "sparsity"):
             if not getattr(self, key):
                 raise InvalidValue(key, [], "the SAE grid is empty")
-        for site in self.sites:
+        for site in (*self.sites, *([self.target] if self.target else [])):
             if site not in SITES:
-                raise InvalidValue("sites", site, f"unknown site (known: {', '.join(SITES)})")
-        for i, layer in enumerate(self.layers):
-            if layer < 0:
-                raise InvalidValue(f"layers[{i}]", layer, "layer must be >= 0")
+                raise InvalidValue("sites" if site in self.sites else "target", site,
+                                   f"unknown site (known: {', '.join(SITES)})")
+        if self.layers != "all":
+            for i, layer in enumerate(self.layers):
+                if layer < 0:
+                    raise InvalidValue(f"layers[{i}]", layer, "layer must be >= 0")
         for i, width in enumerate(self.widths):
-            if width < 1:
-                raise InvalidValue(f"widths[{i}]", width, "must be >= 1")
+            if width < 2 or width & (width - 1):
+                raise InvalidValue(f"widths[{i}]", width, "must be a power of two (the release layout names widths by it)")
         for i, value in enumerate(self.sparsity):
             if value < 0:
                 raise InvalidValue(f"sparsity[{i}]", value, "must be >= 0")
+        if self.tokens is not None and self.tokens < 1:
+            raise InvalidValue("tokens", self.tokens, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """How `gemmascope sweep` groups SAEs into jobs, sizes them, and runs them on Ray."""
+
+    # What each job runs on: "gpu" and "tpu" request Ray's GPU / TPU resources, "cpu" none.
+    accelerator: Literal["cpu", "gpu", "tpu"] = "cpu"
+    # Devices per job (Gemma Scope: a TPUv3 4x2 slice, 8 chips); the mesh spans them.
+    devices_per_job: int = 1
+    # Memory of one device, and the share of it a job's SAEs may plan to use.
+    device_memory_gib: float = 16.0
+    memory_fraction: float = 0.8
+    # Peak FLOP/s of one device and the share a training step reaches, for the plan's
+    # device-hours (Gemma Scope: ~50% MFU on TPUv3).
+    device_flops: float = 1.0e12
+    utilisation: float = 0.5
+    # CPUs each job reserves (its loader and host work).
+    cpus_per_job: int = 1
+    # SAEs per job at most (null: as many as memory allows).
+    max_saes_per_job: int | None = None
+    # Attempts per job before it is marked failed (a user error fails it at once).
+    max_attempts: int = 3
+    # A running job's lease: renewed every heartbeat; another launcher may take the job
+    # once the lease has not been renewed for lease_seconds.
+    lease_seconds: float = 600.0
+    heartbeat_seconds: float = 30.0
+    # Run the harvest first when the store is missing or incomplete (else stop and say so).
+    harvest: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("devices_per_job", "cpus_per_job", "max_attempts"):
+            if getattr(self, key) < 1:
+                raise InvalidValue(key, getattr(self, key), "must be >= 1")
+        if self.devices_per_job & (self.devices_per_job - 1):
+            raise InvalidValue("devices_per_job", self.devices_per_job, "must be a power of two")
+        for key in ("device_memory_gib", "device_flops", "lease_seconds", "heartbeat_seconds"):
+            if not getattr(self, key) > 0:
+                raise InvalidValue(key, getattr(self, key), "must be > 0")
+        for key in ("memory_fraction", "utilisation"):
+            if not 0 < getattr(self, key) <= 1:
+                raise InvalidValue(key, getattr(self, key), "must be in (0, 1]")
+        if self.max_saes_per_job is not None and self.max_saes_per_job < 1:
+            raise InvalidValue("max_saes_per_job", self.max_saes_per_job, "must be >= 1")
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise InvalidValue("heartbeat_seconds", self.heartbeat_seconds,
+                               f"must be at most half of lease_seconds ({self.lease_seconds:g})")
 
 
 @dataclass(frozen=True)
@@ -229,10 +290,16 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     source: SourceConfig = field(default_factory=lambda: SourceConfig(builtin="pydoc"))
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
-    saes: SAEGridConfig = field(default_factory=SAEGridConfig)
+    # The SAE grid: a list of blocks, each a sites x layers x widths x sparsity product.
+    saes: tuple[SAEGridEntry, ...] = (SAEGridEntry(),)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # The file this config came from (for error messages); not part of its identity.
     origin: str = field(default="<defaults>", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.saes:
+            raise InvalidValue("saes", [], "the SAE grid is empty")
 
     def harvest_identity(self) -> dict:
         """Everything that decides the harvested rows (not how many workers compute them)."""
@@ -247,6 +314,12 @@ class Config:
         """A hash of `harvest_identity`: a store resumes only under the config that made it."""
         blob = json.dumps(self.harvest_identity(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def harvest_keys(harvest: HarvestConfig, n_layers: int) -> list[tuple[str, int]]:
+    """The (site, layer) arrays a harvest writes, in layer order."""
+    layers = range(n_layers) if harvest.layers == "all" else harvest.layers
+    return [(site, layer) for layer in layers for site in harvest.sites if exists_at(site, layer)]
 
 
 def _parse_override(text: str, source: str) -> tuple[str, object]:

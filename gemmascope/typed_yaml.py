@@ -8,11 +8,14 @@ stops the run before any work starts, with the file, the dotted key and the valu
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal, Union
 
 from gemmascope.errors import ConfigError, InvalidValue
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _describe(hint: Any) -> str:
@@ -58,6 +61,9 @@ def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
         return from_mapping(hint, value, source=source, prefix=f"{key}.")
     if hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads exponents without a sign or a dot (4.95e14, 1e9) as strings.
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
             return float(value)
         raise _type_error(source, key, value, hint)
     if hint is int:

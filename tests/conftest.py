@@ -76,7 +76,7 @@ def ray_address(gcs_emulator):
     """A local Ray cluster shared by the session's tests (and by their subprocess drivers)."""
     import ray
 
-    from gemmascope.harvest.actors import connect
+    from gemmascope.cluster import connect
 
     connect(None)
     yield ray.get_runtime_context().gcs_address

@@ -29,8 +29,8 @@ def main(root: str) -> None:
         gaussian_store(run_dir, n_rows=8192, d_in=32, seed=1)
         config = small_config(run_dir, widths=(64, 128), sparsity=(0.01, 0.05), steps=40, batch=512,
                               mesh_data=data, mesh_latent=latent, log_every=20, shuffle_rows=4096)
-        train_job(config, "res-L0", progress=False)
-        finals[name] = {sae: load_params(run_dir, sae) for sae in
+        train_job(config, "res-L0-w64+128", progress=False)
+        finals[name] = {sae: load_params(run_dir, sae, "res-L0-w64+128") for sae in
                         ("w64-s0.01", "w64-s0.05", "w128-s0.01", "w128-s0.05")}
         # The shardings a fresh state gets under this mesh.
         cfg = config.train

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gemmascope.config import Config, HarvestConfig, ModelConfig, SourceConfig, load_config
+from gemmascope.config import Config, HarvestConfig, ModelConfig, SAEGridEntry, SourceConfig, load_config
 from gemmascope.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +53,12 @@ def test_demo_config_has_the_values_in_the_file():
     assert h.cpus_per_worker == 2
     assert h.output_format == "zarr3"
     assert config.origin == str(DEMO)
+    assert config.saes == (
+        SAEGridEntry(sites=("res",), layers=(3, 6, 9), widths=(1024,), sparsity=(1e-4, 3e-4, 1e-3), tokens=204800),
+        SAEGridEntry(sites=("res",), layers=(6,), widths=(2048,), sparsity=(1e-4, 3e-4, 1e-3), tokens=409600),
+    )
+    assert config.train.batch_size == 1024
+    assert config.sweep.cpus_per_job == 1
 
 
 def test_tiny_gemma2_config_has_the_values_in_the_file():
@@ -198,8 +204,16 @@ def test_bad_values_are_one_line_errors_naming_file_key_and_value(overrides, key
         ("harvest:\n  bogus: [1]\n", "harvest.bogus", "[1]"),
         ("harvest:\n  context_length: '64'\n", "harvest.context_length", "'64'"),
         ("harvest:\n  layers: [-3]\n", "harvest.layers[0]", "-3"),
-        ("harvest:\n  sites: [res, embed]\n", "harvest.sites", "'embed'"),
+        ("harvest:\n  sites: [res, resid]\n", "harvest.sites", "'resid'"),
+        ("harvest:\n  sites: [embed]\n  layers: [3]\n", "harvest.sites", "'embed'"),
         ("harvest:\n  layers: [5, 5]\n", "harvest.layers", "[5, 5]"),
+        ("saes:\n  - sites: [res]\n    widht: [1024]\n", "saes[0].widht", "[1024]"),
+        ("saes:\n  - widths: [1000]\n", "saes[0].widths[0]", "1000"),
+        ("saes: []\n", "saes", "[]"),
+        ("saes:\n  - sparsity: []\n", "saes[0].sparsity", "[]"),
+        ("saes:\n  - target: mlp_out\n", "saes[0].target", "'mlp_out'"),
+        ("sweep:\n  devices_per_job: 3\n", "sweep.devices_per_job", "3"),
+        ("sweep:\n  heartbeat_seconds: 400\n", "sweep.heartbeat_seconds", "400.0"),
         ("harvest:\n  context_length: 1\n", "harvest.context_length", "1"),
         ("harvest:\n  unit_rows: 24576\n  shard_rows: 16384\n", "harvest.unit_rows", "24576"),
         ("source:\n  builtin: pydoc\n  paths: ['*.txt']\n", "source.paths", "['*.txt']"),

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gemmascope.config import SAEGridEntry
 from gemmascope.errors import UserError
 from gemmascope.store.synthetic import sparse_dictionary_data, write_store
 from gemmascope.train.trainer import train_job
@@ -27,23 +28,23 @@ def test_recovers_a_known_sparse_dictionary(tmp_path):
     rows, atoms = sparse_dictionary_data(65536, 32, 64, 3, seed=0)
     write_store(str(tmp_path), {("res", 0): rows})
     config = small_config(tmp_path, widths=(128,), sparsity=(0.03,), steps=3000, sparsity_warmup_steps=750)
-    train_job(config, "res-L0", progress=False)
-    W_dec = load_params(tmp_path, "w128-s0.03")["W_dec"]
+    train_job(config, "res-L0-w128", progress=False)
+    W_dec = load_params(tmp_path, "w128-s0.03", "res-L0-w128")["W_dec"]
     cosine = atoms @ (W_dec / np.linalg.norm(W_dec, axis=1, keepdims=True)).T
     recovered = (cosine.max(axis=1) > 0.9).mean()
     assert recovered >= 0.85, recovered
-    final = [json.loads(line) for line in (tmp_path / "train" / "res-L0" / "metrics.jsonl").read_text().splitlines()][-1]
+    final = [json.loads(line) for line in (tmp_path / "train" / "res-L0-w128" / "metrics.jsonl").read_text().splitlines()][-1]
     assert 2.0 <= final["l0"] <= 4.0, final  # true L0 is 3
     assert final["fvu"] < 0.15, final
 
 
 def _run_cli(config_path: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([GEMMASCOPE, "train", config_path, "--job", "res-L0", "--no-progress", *extra],
+    return subprocess.Popen([GEMMASCOPE, "train", config_path, "--job", "res-L0-w512", "--no-progress", *extra],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _checkpoint_steps(run_dir: Path) -> list[int]:
-    directory = run_dir / "train" / "res-L0" / "checkpoints"
+    directory = run_dir / "train" / "res-L0-w512" / "checkpoints"
     return sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit()) if directory.exists() else []
 
 
@@ -71,7 +72,7 @@ def uninterrupted(tmp_path_factory):
     path = write_yaml(small_config(run_dir, **RESUME), run_dir / "config.yaml")
     process = _run_cli(path)
     assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
-    return {name: load_params(run_dir, name) for name in ("w512-s0.01", "w512-s0.03", "w512-s0.1")}
+    return {name: load_params(run_dir, name, "res-L0-w512") for name in ("w512-s0.01", "w512-s0.03", "w512-s0.1")}
 
 
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
@@ -91,10 +92,10 @@ def test_killed_run_resumes_bit_identical(uninterrupted, tmp_path, how):
     assert rerun.wait(timeout=600) == 0, rerun.stderr.read()[-3000:]
     assert f"({STEPS - stopped_at} now" in rerun.stdout.read()
     for name, expected in uninterrupted.items():
-        got = load_params(tmp_path, name)
+        got = load_params(tmp_path, name, "res-L0-w512")
         for key in expected:
             assert np.array_equal(got[key].view(np.uint32), expected[key].view(np.uint32)), (name, key)
-    metrics = [json.loads(line) for line in (tmp_path / "train" / "res-L0" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (tmp_path / "train" / "res-L0-w512" / "metrics.jsonl").read_text().splitlines()]
     steps = [m["step"] for m in metrics if m["sae"] == "w512-s0.01"]
     assert steps == list(range(25, STEPS + 1, 25))  # no step logged twice after the resume
 
@@ -109,20 +110,20 @@ def test_unknown_job_and_missing_stream(tmp_path):
     with pytest.raises(UserError, match="no job 'res-L9'"):
         train_job(small_config(tmp_path), "res-L9", progress=False)
     config = small_config(tmp_path)
-    other = type(config)(run_dir=config.run_dir, saes=type(config.saes)(sites=("mlp",), layers=(0,)),
+    other = type(config)(run_dir=config.run_dir, saes=(SAEGridEntry(sites=("mlp",), layers=(0,)),),
                          train=config.train)
     with pytest.raises(UserError, match="no activations for site 'mlp' layer 0"):
-        train_job(other, "mlp-L0", progress=False)
+        train_job(other, "mlp-L0-w16k", progress=False)
 
 
 def test_store_with_a_different_d_in_is_refused(tmp_path):
     gaussian_store(tmp_path, d_in=32)
     config = small_config(tmp_path, steps=4, log_every=2)
-    train_job(config, "res-L0", progress=False)
+    train_job(config, "res-L0-w128", progress=False)
     shutil.rmtree(tmp_path / "activations")
     gaussian_store(tmp_path, d_in=48)  # the store under the job was replaced by one of another shape
     with pytest.raises(UserError, match="d_in=32.*d_in=48"):
-        train_job(config, "res-L0", progress=False)
+        train_job(config, "res-L0-w128", progress=False)
 
 
 def _store_with_nan(run_dir: Path) -> None:
@@ -136,15 +137,15 @@ def test_nonfinite_rows_stop_with_the_row(tmp_path):
     _store_with_nan(tmp_path)
     config = small_config(tmp_path, steps=40, batch=512, shuffle_rows=8192, norm_sample_rows=512)
     with pytest.raises(UserError, match=r"row (5000|6000) has NaN/inf"):
-        train_job(config, "res-L0", progress=False)
+        train_job(config, "res-L0-w128", progress=False)
 
 
 def test_nonfinite_rows_can_be_skipped_and_counted(tmp_path):
     _store_with_nan(tmp_path)
     config = small_config(tmp_path, steps=40, batch=512, shuffle_rows=8192, norm_sample_rows=512,
                           nonfinite="skip", log_every=40)
-    train_job(config, "res-L0", progress=False)
-    final = json.loads((tmp_path / "train" / "res-L0" / "metrics.jsonl").read_text().splitlines()[-1])
+    train_job(config, "res-L0-w128", progress=False)
+    final = json.loads((tmp_path / "train" / "res-L0-w128" / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["nonfinite_rows_skipped"] >= 2
-    params = load_params(tmp_path, "w128-s0.03")
+    params = load_params(tmp_path, "w128-s0.03", "res-L0-w128")
     assert all(np.isfinite(v).all() for v in params.values())

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from gemmascope.config import Config, SAEGridConfig, TrainConfig
+from gemmascope.config import Config, SAEGridEntry, TrainConfig
 from gemmascope.store.synthetic import write_store
 from gemmascope.typed_yaml import to_mapping
 
@@ -18,9 +18,18 @@ def small_config(run_dir, *, widths=(128,), sparsity=(0.03,), steps=300, batch=1
                     shuffle_rows=8192, checkpoint_every=10**6, log_every=max(1, steps // 4),
                     dead_window_tokens=10**6)
     defaults.update(train)
-    return Config(run_dir=str(run_dir), saes=SAEGridConfig(sites=("res",), layers=(0,), widths=tuple(widths),
-                                                          sparsity=tuple(sparsity)),
+    return Config(run_dir=str(run_dir), saes=(SAEGridEntry(sites=("res",), layers=(0,), widths=tuple(widths),
+                                                           sparsity=tuple(sparsity)),),
                   train=TrainConfig(**defaults))
+
+
+def job_id(config: Config) -> str:
+    """The id of a single-job config's job (e.g. res-L0-w128)."""
+    from gemmascope.store import ActivationStore
+    from gemmascope.sweep.grid import plan_jobs
+
+    (job,) = plan_jobs(config, ActivationStore.open(config.run_dir).model_info())
+    return job.id
 
 
 def write_yaml(config: Config, path: Path) -> str:
@@ -36,6 +45,6 @@ def gaussian_store(run_dir, n_rows=16384, d_in=32, seed=0, **kwargs) -> np.ndarr
     return rows
 
 
-def load_params(run_dir, name: str) -> dict[str, np.ndarray]:
-    with np.load(Path(run_dir) / "train" / "res-L0" / "saes" / name / "params.npz") as data:
+def load_params(run_dir, name: str, job: str) -> dict[str, np.ndarray]:
+    with np.load(Path(run_dir) / "train" / job / "saes" / name / "params.npz") as data:
         return {k: data[k] for k in data.files}

@@ -15,37 +15,6 @@ from gemmascope.config import Config
 from gemmascope.harvest.sources import SourceShard
 from gemmascope.store.layout import Layout, ShardStats
 
-# Variables that point clients at emulators, caches and credentials; workers need the
-# driver's values even when they run on a cluster started elsewhere.
-FORWARDED_ENV = (
-    "STORAGE_EMULATOR_HOST",
-    "TENSORSTORE_GCS_HTTP_URL",
-    "GOOGLE_AUTH_TOKEN_FOR_TESTING",
-    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
-    "GEMMASCOPE_CACHE",
-    "HF_TOKEN",
-    "HF_HUB_OFFLINE",
-)
-
-
-def forwarded_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-
-
-def connect(address: str | None) -> None:
-    """Attach to `address` (or RAY_ADDRESS), else start a local cluster; no-op if connected."""
-    if ray.is_initialized():
-        return
-    import logging
-
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-        runtime_env={"env_vars": forwarded_env()},
-    )
-
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class HarvestActor:

@@ -19,11 +19,11 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 from gemmascope import storage
-from gemmascope.config import Config
+from gemmascope.cluster import connect
+from gemmascope.config import Config, harvest_keys
 from gemmascope.errors import ConfigError, UserError
-from gemmascope.harvest.actors import HarvestActor, actor_options, connect
+from gemmascope.harvest.actors import HarvestActor, actor_options
 from gemmascope.harvest.sources import SourceShard, list_shards
-from gemmascope.harvest.worker import resolve_keys
 from gemmascope.models.loading import ModelInfo, model_info
 from gemmascope.store import paths
 from gemmascope.store.arrays import create_array
@@ -64,7 +64,7 @@ def check_layers(config: Config, info: ModelInfo) -> None:
 def array_specs(config: Config, info: ModelInfo) -> list[dict]:
     """(site, layer, d_in) of every array the harvest writes."""
     return [{"site": site, "layer": layer, "d_in": info.site_width(site)}
-            for site, layer in resolve_keys(config, info.n_layers)]
+            for site, layer in harvest_keys(config.harvest, info.n_layers)]
 
 
 def create_arrays(config: Config, activations: str, arrays: list[dict], n_rows: int) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from gemmascope.config import Config
+from gemmascope.config import Config, harvest_keys
 from gemmascope.harvest.packing import ROLE_TEXT, PackedSequences, tokenize_and_pack
 from gemmascope.harvest.sources import SourceShard, read_documents
 from gemmascope.models.capture import ActivationCapture
@@ -27,11 +27,6 @@ from gemmascope.store.parquet_io import read_parquet, write_parquet_atomic
 from gemmascope.store.writers import ParquetRowWriter, ZarrRowWriter
 
 TORCH_STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def resolve_keys(config: Config, n_layers: int) -> list[tuple[str, int]]:
-    layers = range(n_layers) if config.harvest.layers == "all" else config.harvest.layers
-    return [(site, layer) for layer in layers for site in config.harvest.sites]
 
 
 def _fixed_lists(array: np.ndarray) -> pa.FixedSizeListArray:
@@ -70,7 +65,7 @@ class HarvestWorker:
         self.config = config
         self.activations = activations
         self.loaded = loaded or load_model(config.model)
-        self.keys = resolve_keys(config, self.loaded.info.n_layers)
+        self.keys = harvest_keys(config.harvest, self.loaded.info.n_layers)
         self.capture = ActivationCapture(self.loaded, self.keys)
         self.store_dtype = TORCH_STORE_DTYPES[config.harvest.store_dtype]
         self._sequences = lru_cache(maxsize=4)(read_sequences)

@@ -204,10 +204,21 @@ def _read_info(name: str, hf_config: Any) -> ModelInfo:
     )
 
 
+# The released Gemma 2 shapes (SPEC.md section 8), so a plan for a hub model needs no
+# network: (layers, d_model, query heads, head_dim, vocab).
+_GEMMA2_SHAPES = {"2b": (26, 2304, 8, 256, 256000), "9b": (42, 3584, 16, 256, 256000),
+                  "27b": (46, 4608, 32, 128, 256000)}
+KNOWN_HUB_SHAPES = {f"google/gemma-2-{size}{variant}": shape
+                    for size, shape in _GEMMA2_SHAPES.items() for variant in ("", "-it")}
+
+
 def model_info(config: ModelConfig) -> ModelInfo:
     """Read the model's shape from its config only (no weights), for validation and planning."""
     from transformers import AutoConfig
 
+    if config.source in KNOWN_HUB_SHAPES:
+        n_layers, d_model, n_heads, head_dim, vocab = KNOWN_HUB_SHAPES[config.source]
+        return ModelInfo(config.source, "gemma2", n_layers, d_model, n_heads, head_dim, vocab)
     location = resolve_source(config.source)
     try:
         hf_config = AutoConfig.from_pretrained(location, revision=config.revision)

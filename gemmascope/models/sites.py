@@ -40,7 +40,18 @@ SITES: dict[str, Site] = {
                 "per-head attention outputs concatenated, the input of o_proj", "blocks.{L}.attn.hook_z"),
     "mlp_in": Site("mlp_in", "pre_feedforward_layernorm", "output", "d_model",
                    "MLP input after pre_feedforward_layernorm", "blocks.{L}.ln2.hook_normalized"),
+    # The scaled token embeddings are what decoder layer 0 receives; they exist once per
+    # model, so "embed" is only defined at layer 0.
+    "embed": Site("embed", "", "input", "d_model",
+                  "token embeddings times sqrt(d_model), the input of layer 0", "hook_embed"),
 }
+
+# Sites that exist at one layer only.
+SINGLE_LAYER_SITES = {"embed": 0}
+
+
+def exists_at(site: str, layer: int) -> bool:
+    return SINGLE_LAYER_SITES.get(site, layer) == layer
 
 # Submodules every supported decoder layer must have; checked once when a model loads.
 REQUIRED_LAYER_MODULES = (

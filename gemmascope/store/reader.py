@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from gemmascope import storage
 from gemmascope.errors import UserError
+from gemmascope.models.loading import ModelInfo
 from gemmascope.store import paths
 from gemmascope.store.arrays import NUMPY_DTYPES, open_array
 from gemmascope.store.layout import Layout
@@ -47,6 +48,10 @@ class ActivationStore:
         raise UserError(f"{location}: no activation store (no activations/ledger.json)")
 
     # What is there -------------------------------------------------------------
+    def model_info(self) -> ModelInfo:
+        """The shape of the model that made this store, as recorded by the harvest."""
+        return ModelInfo(**self.ledger.data["model"])
+
     @property
     def keys(self) -> list[Key]:
         return sorted(self.d_in)

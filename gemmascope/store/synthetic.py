@@ -26,6 +26,12 @@ def write_store(run_dir: str, arrays: dict[tuple[str, int], np.ndarray], *, dtyp
     if len(n_rows) != 1:
         raise ValueError("every array needs the same number of rows")
     (n,) = n_rows
+    widths = {a.shape[1] for a in arrays.values()}
+    if len(widths) != 1:
+        raise ValueError("every array needs the same d_in (a synthetic model has one width)")
+    (d_in,) = widths
+    model = {"name": "synthetic", "family": "synthetic", "n_layers": max(layer for _, layer in arrays) + 1,
+             "d_model": d_in, "n_heads": 1, "head_dim": d_in, "vocab_size": 0}
     layout = Layout((ShardStats(n_sequences=n, n_rows=n, n_documents=1, n_tokens=n),), n, unit_rows)
     for (site, layer), values in arrays.items():
         url = paths.array_url(activations, site, layer)
@@ -40,7 +46,7 @@ def write_store(run_dir: str, arrays: dict[tuple[str, int], np.ndarray], *, dtyp
         write_parquet_atomic(paths.tokens_url(activations, unit), table)
     ledger = HarvestLedger(paths.ledger_url(activations), {
         "format": FORMAT, "fingerprint": "synthetic", "identity": {"synthetic": True},
-        "model": {"name": "synthetic"},
+        "model": model,
         "arrays": [{"site": site, "layer": layer, "d_in": int(a.shape[1])}
                    for (site, layer), a in arrays.items()],
         "storage": {"format": "zarr3", "dtype": dtype, "unit_rows": unit_rows, "shard_rows": shard_rows,

@@ -14,19 +14,19 @@ import json
 import logging
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
 from gemmascope import storage
-from gemmascope.config import Config
+from gemmascope.config import Config, TrainConfig
 from gemmascope.errors import UserError
 from gemmascope.store import ActivationStore
+from gemmascope.sweep.grid import Job, find_job, plan_jobs
 from gemmascope.train.checkpoints import Checkpoints
 from gemmascope.train.group import Group, initial_state, make_train_step, sharded_layout
-from gemmascope.train.jobs import Job, find_job
 from gemmascope.train.loader import ActivationLoader, LoaderState
 from gemmascope.train.mesh import batch_sharding, make_mesh
 from gemmascope.train.normalise import estimate_scale
@@ -51,8 +51,13 @@ class TrainResult:
     tokens_per_s: float
 
 
-def job_dir(config: Config, job: Job) -> str:
-    return storage.join(storage.normalize(config.run_dir), "train", job.id)
+def job_dir(config: Config, job_id: str) -> str:
+    return storage.join(storage.normalize(config.run_dir), "train", job_id)
+
+
+def job_train_config(config: Config, job: Job) -> TrainConfig:
+    """The training settings of one job: its token budget and its planned latent axis."""
+    return replace(config.train, tokens=job.tokens, mesh_latent=job.resources.mesh_latent)
 
 
 def _check_job_record(directory: str, record: dict) -> None:
@@ -95,9 +100,12 @@ def _records(group: Group, metrics: dict, step: int, tokens_per_s: float, batch:
 
 
 def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainResult:
-    job = find_job(config, job_id)
-    cfg = config.train
     store = ActivationStore.open(config.run_dir)
+    job = find_job(plan_jobs(config, store.model_info()), job_id, config.origin)
+    if job.target != job.site:
+        raise UserError(f"{job.id}: transcoders ({job.site} -> {job.target}) are planned by the sweep but "
+                        "this trainer fits SAEs only")
+    cfg = job_train_config(config, job)
     key = (job.site, job.layer)
     if key not in store.d_in:
         raise UserError(f"{store.url}: no activations for site {job.site!r} layer {job.layer} "
@@ -105,10 +113,10 @@ def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainRes
     if not store.complete:
         raise UserError(f"{store.url}: the harvest is not complete; finish it first")
     d_in = store.d_in[key]
-    directory = job_dir(config, job)
+    directory = job_dir(config, job.id)
     _check_job_record(directory, {
         "job": job.id, "site": job.site, "layer": job.layer, "d_in": d_in, "store": store.url,
-        "saes": [asdict(s) for s in job.saes], "train": to_mapping(cfg)})
+        "saes": [{"width": s.width, "sparsity": s.sparsity} for s in job.saes], "train": to_mapping(cfg)})
     stop_row = store.n_rows - cfg.holdout_rows
     if stop_row <= 0:
         raise UserError(f"train.holdout_rows={cfg.holdout_rows} leaves no training rows ({store.n_rows} in the store)")

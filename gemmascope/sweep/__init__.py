@@ -1,0 +1,1 @@
+"""Sweeps: the SAE grid as jobs, their ledger with leases, and the Ray launcher."""
