@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from gemmascope.config import Config, HarvestConfig, ModelConfig, SAEGridEntry, SourceConfig, load_config
+from gemmascope.config import (
+    Config,
+    HarvestConfig,
+    ModelConfig,
+    SAEGridEntry,
+    SourceConfig,
+    load_config,
+)
 from gemmascope.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
