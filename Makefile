@@ -6,8 +6,12 @@ STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
+# Extra arguments for plan/sweep/resume/status: overrides (key=value) and --ray-address.
+ARGS ?=
+# One lock per config, so overlapping `make resume` ticks on this host never start twice.
+LOCK ?= /tmp/gemmascope-$(subst /,_,$(CONFIG)).lock
 
-.PHONY: demo test test-slow bench lint harvest train clean
+.PHONY: demo test test-slow bench lint harvest train plan sweep resume status clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +44,20 @@ harvest: $(STAMP)
 
 train: $(STAMP)
 	$(BIN)/gemmascope train $(CONFIG) --job $(JOB)
+
+plan: $(STAMP)
+	$(BIN)/gemmascope plan $(CONFIG) $(ARGS)
+
+sweep: $(STAMP)
+	$(BIN)/gemmascope sweep $(CONFIG) $(ARGS)
+
+# The same as sweep, for cron: a tick that finds the previous one still running exits 0
+# at once (flock), and launchers on other hosts are kept apart by the job leases.
+resume: $(STAMP)
+	flock --nonblock --conflict-exit-code 0 $(LOCK) $(BIN)/gemmascope sweep $(CONFIG) --no-progress $(ARGS)
+
+status: $(STAMP)
+	$(BIN)/gemmascope status $(CONFIG) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
