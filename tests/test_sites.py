@@ -359,3 +359,14 @@ def test_check_layer_modules_names_the_missing_submodule(missing):
         check_layer_modules([complete, _layer_without(missing)], "dummy-model")
     message = str(excinfo.value)
     assert missing in message
+
+
+def test_embed_is_the_scaled_token_embedding(loaded, input_ids, hidden_states):
+    """`embed` at layer 0: embedding rows times sqrt(d_model), what layer 0 receives."""
+    out = ActivationCapture(loaded, [("embed", 0)])(input_ids)
+    embed = out[("embed", 0)].detach().double().numpy()
+    weights = _w(loaded.model.model.embed_tokens)
+    reference = weights[input_ids.numpy()] * math.sqrt(loaded.info.d_model)
+    assert embed.shape == (BATCH, SEQ, loaded.info.d_model)
+    assert rel_err(embed, reference) < REL_TOL
+    assert rel_err(embed, hidden_states[0]) < 1e-6
