@@ -52,6 +52,8 @@ def _sweep(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     summary = run_sweep(config, ray_address=args.ray_address, progress=not args.no_progress,
                         retry_failed=args.retry_failed)
+    if summary.harvest:
+        print(summary.harvest)
     print(summary.line())
     if summary.failed:
         raise UserError(f"{len(summary.failed)} job(s) failed; `gemmascope status {args.config}` shows why; "
@@ -122,7 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after options (`sweep C --ray-address A run_dir=X`).
+    late = [item for item in extra if "=" in item and not item.startswith("-")]
+    if len(late) < len(extra) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
     try:
         args.run(args)
     except UserError as err:

@@ -13,4 +13,5 @@ from gemmascope.sweep.launcher import run_sweep
 
 def run_pipeline(config: Config, *, ray_address: str | None = None, progress: bool = True) -> list[str]:
     """Run every stage; returns one summary line per stage."""
-    return [run_sweep(config, ray_address=ray_address, progress=progress).line()]
+    summary = run_sweep(config, ray_address=ray_address, progress=progress)
+    return [summary.harvest or "harvest: the store was already complete", summary.line()]

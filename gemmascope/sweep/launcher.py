@@ -43,8 +43,9 @@ class SweepSummary:
     done: int
     failed: dict[str, str]  # job -> error
     run_now: int
-    tokens_per_s: float
-    seconds: float
+    tokens_per_s: float  # tokens trained by this launcher per second of its training phase
+    seconds: float  # the training phase
+    harvest: str | None  # the harvest's summary line, if this launcher harvested
 
     def line(self) -> str:
         text = (f"sweep: {self.done}/{self.jobs} jobs done ({self.run_now} run now, "
@@ -102,6 +103,15 @@ class _Heartbeat(threading.Thread):
         self.stopped.set()
 
 
+def _capacity(job: Job) -> int:
+    """How many tasks with this job's resources the cluster can run at once (at least 1)."""
+    total = ray.cluster_resources()
+    options = job.resources.ray_options()
+    needs = {"CPU": options["num_cpus"], "GPU": options.get("num_gpus", 0), **options.get("resources", {})}
+    fits = [int(total.get(name, 0) // amount) for name, amount in needs.items() if amount]
+    return max(1, min(fits))
+
+
 def _cause(err: BaseException) -> BaseException:
     return getattr(err, "cause", None) or err
 
@@ -124,10 +134,11 @@ def _store_ready(config: Config, jobs: list[Job]) -> str | None:
 
 
 def _ensure_store(config: Config, jobs: list[Job], ledger: JobLedger, heartbeat: _Heartbeat,
-                  ray_address: str | None, progress: bool) -> None:
-    """Harvest first if the store is missing or incomplete (one launcher at a time)."""
+                  ray_address: str | None, progress: bool) -> str | None:
+    """Harvest first if the store is missing or incomplete (one launcher at a time); its summary."""
     from gemmascope.harvest.driver import run_harvest
 
+    harvested = None
     while (missing := _store_ready(config, jobs)) is not None:
         if not config.sweep.harvest:
             raise UserError(f"{missing}; run `gemmascope harvest {config.origin}` first "
@@ -151,6 +162,8 @@ def _ensure_store(config: Config, jobs: list[Job], ledger: JobLedger, heartbeat:
         finally:
             heartbeat.drop(HARVEST)
         ledger.finish(HARVEST, {"line": summary.line()})
+        harvested = summary.line()
+    return harvested
 
 
 def _latest_step(config: Config, job: Job) -> int:
@@ -165,7 +178,6 @@ def _latest_step(config: Config, job: Job) -> int:
 
 def run_sweep(config: Config, *, ray_address: str | None = None, progress: bool = True,
               retry_failed: bool = False) -> SweepSummary:
-    began = time.perf_counter()
     jobs = write_plan(config, model_shape(config))
     by_id = {job.id: job for job in jobs}
     ledger = JobLedger(config.run_dir, Launcher.this_process(), config.sweep)
@@ -177,15 +189,15 @@ def run_sweep(config: Config, *, ray_address: str | None = None, progress: bool 
     heartbeat = _Heartbeat(ledger, config.sweep.heartbeat_seconds)
     heartbeat.start()
     try:
-        _ensure_store(config, jobs, ledger, heartbeat, ray_address, progress)
-        connect(ray_address)
-        return _run_jobs(config, jobs, ledger, heartbeat, progress, began)
+        harvested = _ensure_store(config, jobs, ledger, heartbeat, ray_address, progress)
+        return _run_jobs(config, jobs, ledger, heartbeat, progress, harvested, ray_address)
     finally:
         heartbeat.stop()
 
 
 def _run_jobs(config: Config, jobs: list[Job], ledger: JobLedger, heartbeat: _Heartbeat,
-              progress: bool, began: float) -> SweepSummary:
+              progress: bool, harvested: str | None, ray_address: str | None) -> SweepSummary:
+    began = time.perf_counter()
     by_id = {job.id: job for job in jobs}
     batch = config.train.batch_size
     running: dict = {}  # ObjectRef -> job id
@@ -201,13 +213,18 @@ def _run_jobs(config: Config, jobs: list[Job], ledger: JobLedger, heartbeat: _He
                     continue
                 if record["state"] == RUNNING and not ledger.lease_expired(record):
                     continue
+                job = by_id[job_id]
+                connect(ray_address)  # only once there is something to run
+                if len(running) >= _capacity(job):  # claim only what can start now
+                    break
                 if ledger.claim(job_id) is None:
                     continue
                 heartbeat.hold(job_id)
-                job = by_id[job_id]
                 ref = _train_task.options(name=job_id, **job.resources.ray_options()).remote(config, job_id)
                 running[ref] = job_id
-                log.info("%s: started (%d SAEs, %s)", job_id, len(job.saes), asdict(job.resources))
+                res = job.resources
+                log.info("%s: started: %d SAEs on %d %s (mesh %d x %d)", job_id, len(job.saes), res.devices,
+                         res.accelerator, res.mesh_data, res.mesh_latent)
             records = ledger.records(list(by_id))
             bar.n = sum(job.steps(batch) if records[job.id]["state"] == DONE
                         else _latest_step(config, job) for job in jobs)
@@ -240,7 +257,7 @@ def _run_jobs(config: Config, jobs: list[Job], ledger: JobLedger, heartbeat: _He
     seconds = time.perf_counter() - began
     failed = {job_id: r["error"] for job_id, r in records.items() if r["state"] == FAILED}
     return SweepSummary(len(jobs), sum(r["state"] == DONE for r in records.values()), failed, run_now,
-                        tokens_run / seconds if seconds else 0.0, seconds)
+                        tokens_run / seconds if seconds else 0.0, seconds, harvested)
 
 
 def _collect(ref, job_id: str, ledger: JobLedger) -> dict | None:
