@@ -88,31 +88,33 @@ def test_status_shows_states_metrics_and_checkpoints(reference):
 
 
 def test_killed_launcher_resumes_and_matches_an_uninterrupted_sweep(reference, ray_address, tmp_path):
+    # One job at a time, longest first: res-L1-w256 (480 steps), then res-L0-w128 (240 steps).
+    finished, interrupted_job = "res-L1-w256", "res-L0-w128"
     config = sweep_config(tmp_path)
     launcher = start_cli("sweep", config, "--ray-address", ray_address, "--no-progress")
     deadline = time.monotonic() + 300
-    checkpoints = tmp_path / "train" / JOBS[-1] / "checkpoints"
-    while time.monotonic() < deadline:  # kill it once the last job has checkpointed mid-run
+    checkpoints = tmp_path / "train" / interrupted_job / "checkpoints"
+    while time.monotonic() < deadline:  # kill it once the second job has checkpointed mid-run
         steps = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()] if checkpoints.exists() else []
         if steps and max(steps) >= 120:
             break
         assert launcher.poll() is None, launcher.stderr.read()[-3000:]
         time.sleep(0.05)
     else:
-        raise AssertionError("the last job never checkpointed")
+        raise AssertionError("the second job never checkpointed")
     launcher.send_signal(signal.SIGKILL)
     launcher.wait()
     interrupted = records(tmp_path)
-    assert interrupted[JOBS[0]]["state"] == DONE and interrupted[JOBS[-1]]["state"] == "running"
+    assert interrupted[finished]["state"] == DONE and interrupted[interrupted_job]["state"] == "running"
 
     result = cli("sweep", config, "--ray-address", ray_address, "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     final = records(tmp_path)
-    assert final[JOBS[0]]["runs"] == 1  # finished jobs are not rerun
-    assert final[JOBS[-1]]["runs"] == 2 and final[JOBS[-1]]["state"] == DONE
-    resumed = final[JOBS[-1]]["result"]
+    assert final[finished]["runs"] == 1  # finished jobs are not rerun
+    assert final[interrupted_job]["runs"] == 2 and final[interrupted_job]["state"] == DONE
+    resumed = final[interrupted_job]["result"]
     # From its checkpoint (a multiple of 40, at least 120), not from scratch.
-    assert resumed["steps"] == 480 and resumed["steps_run"] <= 360 and resumed["steps_run"] % 40 == 0
+    assert resumed["steps"] == 240 and resumed["steps_run"] <= 120 and resumed["steps_run"] % 40 == 0
     assert final_params(tmp_path) == final_params(reference)
 
 

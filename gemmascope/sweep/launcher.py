@@ -199,6 +199,8 @@ def _run_jobs(config: Config, jobs: list[Job], ledger: JobLedger, heartbeat: _He
               progress: bool, harvested: str | None, ray_address: str | None) -> SweepSummary:
     began = time.perf_counter()
     by_id = {job.id: job for job in jobs}
+    # Longest jobs first, so the sweep does not end waiting on one big job started last.
+    longest_first = sorted(by_id, key=lambda job_id: -by_id[job_id].flops())
     batch = config.train.batch_size
     running: dict = {}  # ObjectRef -> job id
     tokens_run = 0
@@ -206,7 +208,7 @@ def _run_jobs(config: Config, jobs: list[Job], ledger: JobLedger, heartbeat: _He
     total_steps = sum(job.steps(batch) for job in jobs)
     with tqdm(total=total_steps, desc="sweep", unit="step", disable=not progress) as bar:
         while True:
-            records = ledger.records(list(by_id))
+            records = ledger.records(longest_first)
             mine = set(running.values())
             for job_id, record in records.items():
                 if job_id in mine or record["state"] in (DONE, FAILED):
