@@ -14,10 +14,10 @@ from gemmascope.config import ModelConfig, load_config
 from gemmascope.errors import UserError
 from gemmascope.harvest.driver import run_harvest
 from gemmascope.harvest.packing import ROLE_TEXT
-from gemmascope.harvest.worker import read_sequences
 from gemmascope.models.capture import ActivationCapture
 from gemmascope.models.loading import load_model
 from gemmascope.store import ActivationStore, paths
+from gemmascope.store.sequences import read_sequences
 from tests.harvest_helpers import ROOT, cli, snapshot, start_cli, wait_for_units
 
 pytestmark = pytest.mark.ray

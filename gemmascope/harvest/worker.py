@@ -16,40 +16,18 @@ import pyarrow as pa
 import torch
 
 from gemmascope.config import Config, harvest_keys
-from gemmascope.harvest.packing import ROLE_TEXT, PackedSequences, tokenize_and_pack
+from gemmascope.harvest.packing import ROLE_TEXT, tokenize_and_pack
 from gemmascope.harvest.sources import SourceShard, read_documents
 from gemmascope.models.capture import ActivationCapture
 from gemmascope.models.loading import LoadedModel, load_model
 from gemmascope.store import paths
 from gemmascope.store.arrays import NUMPY_DTYPES, open_array
 from gemmascope.store.layout import Layout, ShardStats
-from gemmascope.store.parquet_io import read_parquet, write_parquet_atomic
+from gemmascope.store.parquet_io import write_parquet_atomic
+from gemmascope.store.sequences import overlapping_sequences, read_sequences, write_sequences
 from gemmascope.store.writers import ParquetRowWriter, ZarrRowWriter
 
 TORCH_STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _fixed_lists(array: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
-
-
-def write_sequences(url: str, packed: PackedSequences) -> None:
-    write_parquet_atomic(url, pa.table({
-        "input_ids": _fixed_lists(packed.input_ids),
-        "document": _fixed_lists(packed.document),
-        "role": _fixed_lists(packed.role),
-    }))
-
-
-def read_sequences(url: str) -> PackedSequences:
-    table = read_parquet(url)
-    columns = {}
-    for name in ("input_ids", "document", "role"):
-        column = table.column(name).combine_chunks()
-        width = column.type.list_size
-        columns[name] = column.values.to_numpy(zero_copy_only=False).reshape(-1, width)
-    n_documents = int(columns["document"].max()) + 1 if columns["document"].size else 0
-    return PackedSequences(columns["input_ids"], columns["document"], columns["role"], n_documents)
 
 
 @dataclass(frozen=True)
@@ -84,16 +62,8 @@ class HarvestWorker:
 
     # Phase 2 ---------------------------------------------------------------------
     def unit_sequences(self, layout: Layout, start: int, stop: int):
-        """Yield (global sequence id, ids, role, document ids, first row) overlapping [start, stop)."""
-        row_offsets, seq_offsets, doc_offsets = layout.row_offsets, layout.sequence_offsets, layout.document_offsets
-        for shard in layout.shards_of_rows(start, stop):
-            packed = self._sequences(paths.sequences_url(self.activations, shard))
-            first_rows = row_offsets[shard] + np.concatenate([[0], np.cumsum(packed.rows_per_sequence)[:-1]])
-            last_rows = first_rows + packed.rows_per_sequence
-            for s in np.flatnonzero((first_rows < stop) & (last_rows > start)):
-                document = np.where(packed.document[s] >= 0, packed.document[s] + doc_offsets[shard], -1)
-                yield (int(seq_offsets[shard] + s), packed.input_ids[s], packed.role[s], document,
-                       int(first_rows[s]))
+        """The packed sequences with rows in [start, stop) (see `overlapping_sequences`)."""
+        return overlapping_sequences(self.activations, layout, start, stop, self._sequences)
 
     def _make_writers(self, unit: int, start: int, stop: int) -> dict:
         h, info = self.config.harvest, self.loaded.info
