@@ -68,13 +68,27 @@ def _status(args: argparse.Namespace) -> None:
     print(json.dumps(result) if args.json else format_status(result))
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from gemmascope.config import load_config
+    from gemmascope.eval.evaluate import run_eval
+
+    print(run_eval(load_config(args.config, args.overrides), progress=not args.no_progress))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from gemmascope.config import load_config
+    from gemmascope.export.release import run_export
+
+    print(run_export(load_config(args.config, args.overrides)))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from gemmascope.config import load_config
     from gemmascope.pipeline import run_pipeline
 
     path = REPO_CONFIGS / "demo.yaml"
     config = load_config(path, [f"run_dir={args.out}"])
-    logging.getLogger("gemmascope").info("demo: %s -> %s (harvest, then the sweep)", path, args.out)
+    logging.getLogger("gemmascope").info("demo: %s -> %s (harvest, sweep, eval, export)", path, args.out)
     for line in run_pipeline(config, ray_address=args.ray_address, progress=not args.no_progress):
         print(line)
 
@@ -104,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="attach to this Ray cluster ('auto' for the local one); default: start one")
     sweep.add_argument("--retry-failed", action="store_true",
                        help="give failed jobs a fresh set of attempts")
+    config_command("eval", "L0, FVU, densities and delta LM loss of every trained SAE on held-out data", _eval)
+    config_command("export", "evaluated SAEs in the Gemma Scope layout and SAELens's format", _export)
     status = config_command("status", "each job's state, attempts, last metrics and checkpoint", _status)
     status.add_argument("--json", action="store_true", help="print one JSON object")
 

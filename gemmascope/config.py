@@ -284,6 +284,29 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation on held-out data (the last train.holdout_rows rows of the store)."""
+
+    # Held-out sequences for the LM metrics (Gemma Scope: 2,048 sequences of 1,024 tokens).
+    sequences: int = 2048
+    # Sequences per forward pass (the logits of a 256k vocabulary are large).
+    batch_size: int = 2
+    # Held-out activation rows for L0, FVU and densities; null: all of them.
+    max_rows: int | None = None
+    # A latent firing on more than this share of tokens is dense (SPEC.md section 6).
+    dense_threshold: float = 0.1
+
+    def __post_init__(self) -> None:
+        for key in ("sequences", "batch_size"):
+            if getattr(self, key) < 1:
+                raise InvalidValue(key, getattr(self, key), "must be >= 1")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise InvalidValue("max_rows", self.max_rows, "must be >= 1")
+        if not 0 < self.dense_threshold < 1:
+            raise InvalidValue("dense_threshold", self.dense_threshold, "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
 class Config:
     # Where every output of the run goes: a local path, file://, gs:// or memory:// URL.
     run_dir: str = "runs/default"
@@ -294,6 +317,7 @@ class Config:
     saes: tuple[SAEGridEntry, ...] = (SAEGridEntry(),)
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # The file this config came from (for error messages); not part of its identity.
     origin: str = field(default="<defaults>", compare=False)
 

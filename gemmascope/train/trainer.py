@@ -9,7 +9,6 @@ result is bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import signal
@@ -17,12 +16,12 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from gemmascope import storage
 from gemmascope.config import Config, TrainConfig
 from gemmascope.errors import UserError
+from gemmascope.export.gemma_scope import params_npz_bytes
 from gemmascope.store import ActivationStore
 from gemmascope.sweep.grid import Job, find_job, plan_jobs
 from gemmascope.train.checkpoints import Checkpoints
@@ -207,10 +206,9 @@ def _export(directory: str, job: Job, group: Group, state, scale: float, normali
     """Write each SAE at release scale, then done.json (the job's commit point)."""
     params = jax.device_get(state.params)
     for index, (width, sparsity) in enumerate(group.saes):
-        buffer = io.BytesIO()
-        np.savez(buffer, **to_release(params[index], scale))
         sae_dir = storage.join(directory, "saes", group.name(index))
-        storage.write_bytes_atomic(storage.join(sae_dir, "params.npz"), buffer.getvalue())
+        storage.write_bytes_atomic(storage.join(sae_dir, "params.npz"),
+                                   params_npz_bytes(to_release(params[index], scale)))
         storage.write_json_atomic(storage.join(sae_dir, "sae.json"), {
             "site": job.site, "layer": job.layer, "width": width, "sparsity": sparsity,
             "d_in": group.d_in, "scale": scale, "steps": int(state.step)})

@@ -1,0 +1,94 @@
+"""`gemmascope eval CONFIG`: measure every trained SAE on held-out data; metrics.json beside its params.
+
+Held-out means the last train.holdout_rows rows of the store, which training never
+reads, and the packed sequences that lie wholly inside them. SAEs are evaluated per
+activation stream, so the model loads once and each batch's clean and zero-ablated
+passes are shared by every SAE of the stream. An SAE with a metrics.json is skipped,
+so a rerun only evaluates what is new.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+from tqdm import tqdm
+
+from gemmascope import storage
+from gemmascope.config import Config
+from gemmascope.errors import UserError
+from gemmascope.eval.activations import activation_metrics
+from gemmascope.eval.lm import lm_metrics, released_reconstruction
+from gemmascope.export.gemma_scope import read_params_npz
+from gemmascope.store import ActivationStore
+from gemmascope.store.sequences import overlapping_sequences
+from gemmascope.sweep.grid import plan_jobs
+from gemmascope.train.trainer import job_dir
+
+log = logging.getLogger("gemmascope.eval")
+
+
+def sae_dir(config: Config, job_id: str, name: str) -> str:
+    return storage.join(job_dir(config, job_id), "saes", name)
+
+
+def trained_saes(config: Config, store: ActivationStore) -> list[tuple]:
+    """(job, SAE spec, its directory) of every SAE whose job is done."""
+    found = []
+    for job in plan_jobs(config, store.model_info()):
+        if storage.exists(storage.join(job_dir(config, job.id), "done.json")):
+            found.extend((job, spec, sae_dir(config, job.id, spec.name)) for spec in job.saes)
+    return found
+
+
+def heldout_batches(config: Config, store: ActivationStore, start: int) -> list[tuple]:
+    """Batches of (ids, role) of the sequences that lie wholly in the held-out rows."""
+    sequences = [(ids, role) for _, ids, role, _, first in
+                 overlapping_sequences(store.url, store.layout, start, store.n_rows) if first >= start]
+    sequences = sequences[: config.eval.sequences]
+    size = config.eval.batch_size
+    return [(np.stack([s[0] for s in sequences[i:i + size]]), np.stack([s[1] for s in sequences[i:i + size]]))
+            for i in range(0, len(sequences), size)]
+
+
+def run_eval(config: Config, *, progress: bool = True) -> str:
+    store = ActivationStore.open(config.run_dir)
+    holdout = config.train.holdout_rows
+    if holdout == 0:
+        raise UserError(f"{config.origin}: train.holdout_rows is 0, so no rows were held out to evaluate on")
+    start = store.n_rows - holdout
+    stop = store.n_rows if config.eval.max_rows is None else min(store.n_rows, start + config.eval.max_rows)
+    todo = [item for item in trained_saes(config, store)
+            if not storage.exists(storage.join(item[2], "metrics.json"))]
+    if not todo:
+        return "eval: every trained SAE already has metrics.json"
+    streams: dict[tuple, list] = defaultdict(list)
+    for job, spec, directory in todo:
+        streams[(spec.site, spec.layer)].append((job, spec, directory))
+    batches = heldout_batches(config, store, start)
+    if not batches:
+        raise UserError(f"{store.url}: no whole sequence lies in the last {holdout} rows; "
+                        "raise train.holdout_rows to at least one context length")
+    from gemmascope.models.loading import load_model
+
+    loaded = load_model(config.model)
+    with tqdm(total=len(todo), desc="eval", unit="sae", disable=not progress) as bar:
+        for (site, layer), members in streams.items():
+            released = {directory: read_params_npz(storage.read_bytes(storage.join(directory, "params.npz")),
+                                                   storage.join(directory, "params.npz"))
+                        for _, _, directory in members}
+            lm = lm_metrics(loaded, site, layer, batches,
+                            {directory: released_reconstruction(arrays) for directory, arrays in released.items()})
+            for job, spec, directory in members:
+                record = {"site": site, "layer": layer, "width": spec.width, "sparsity": spec.sparsity,
+                          "job": job.id, "name": spec.name, "tokens_trained": spec.tokens,
+                          **activation_metrics(store, site, layer, start, stop, released[directory],
+                                               config.eval.dense_threshold),
+                          **lm.metrics(directory)}
+                storage.write_json_atomic(storage.join(directory, "metrics.json"), record)
+                log.info("%s %s: L0 %.1f, FVU %.3f, delta loss %.4f, loss recovered %.3f", job.id, spec.name,
+                         record["l0"], record["fvu"], record["delta_loss"], record["loss_recovered"])
+                bar.update(1)
+    return f"eval: {len(todo)} SAEs on {lm.tokens:,} held-out tokens ({lm.sequences} sequences) and " \
+           f"{stop - start:,} held-out activation rows"

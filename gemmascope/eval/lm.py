@@ -1,0 +1,104 @@
+"""Delta LM loss by splicing (SPEC.md section 6): the SAE's reconstruction replaces the site.
+
+For each batch of held-out sequences the clean next-token distribution is computed once;
+then, per SAE, the forward pass runs again with the site's activation replaced by the
+reconstruction (no error term) at the TEXT positions (BOS, EOS and padding keep their
+clean activations, which were never harvested), and once with it replaced by zeros
+(the zero-ablation baseline). Losses count predictions made at TEXT positions of TEXT
+or EOS targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gemmascope.eval.splice import splice
+from gemmascope.harvest.packing import ROLE_EOS, ROLE_TEXT
+from gemmascope.models.loading import LoadedModel
+
+Reconstruct = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class _Sums:
+    loss: float = 0.0
+    kl: float = 0.0
+
+
+@dataclass
+class LMResult:
+    tokens: int = 0
+    sequences: int = 0
+    clean: float = 0.0
+    zero: float = 0.0
+    spliced: dict[str, _Sums] = field(default_factory=dict)
+
+    def metrics(self, name: str) -> dict:
+        spliced = self.spliced[name]
+        clean, zero, loss = self.clean / self.tokens, self.zero / self.tokens, spliced.loss / self.tokens
+        return {
+            "eval_tokens": self.tokens, "eval_sequences": self.sequences,
+            "clean_loss": clean, "spliced_loss": loss, "delta_loss": loss - clean,
+            "zero_ablation_loss": zero, "kl": spliced.kl / self.tokens,
+            "loss_recovered": (zero - loss) / (zero - clean) if zero != clean else float("nan"),
+        }
+
+
+def _log_probs(loaded: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=ids.to(loaded.device), use_cache=False).logits[:, :-1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _summed_loss(log_probs: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor) -> float:
+    return float(-(log_probs.gather(-1, targets)[..., 0] * counted).sum())
+
+
+def _only_text(text: torch.Tensor, fn: Reconstruct) -> Reconstruct:
+    def replace(activation: torch.Tensor) -> torch.Tensor:
+        return torch.where(text[..., None], fn(activation).to(activation.dtype), activation)
+
+    return replace
+
+
+def lm_metrics(loaded: LoadedModel, site: str, layer: int, batches: Iterable[tuple[np.ndarray, np.ndarray]],
+               reconstructions: dict[str, Reconstruct]) -> LMResult:
+    """Clean, zero-ablated and spliced losses summed over `batches` of (ids [B, T], role [B, T])."""
+    result = LMResult(spliced={name: _Sums() for name in reconstructions})
+    for ids_np, role_np in batches:
+        ids = torch.as_tensor(ids_np, dtype=torch.long)
+        role = torch.as_tensor(role_np)
+        text = (role == ROLE_TEXT).to(loaded.device)
+        counted = (role[:, :-1] == ROLE_TEXT) & ((role[:, 1:] == ROLE_TEXT) | (role[:, 1:] == ROLE_EOS))
+        counted = counted.to(loaded.device)
+        targets = ids[:, 1:].to(loaded.device)[..., None]
+        clean = _log_probs(loaded, ids)
+        result.clean += _summed_loss(clean, targets, counted)
+        with splice(loaded, site, layer, _only_text(text, torch.zeros_like)):
+            result.zero += _summed_loss(_log_probs(loaded, ids), targets, counted)
+        for name, reconstruct in reconstructions.items():
+            with splice(loaded, site, layer, _only_text(text, reconstruct)):
+                spliced = _log_probs(loaded, ids)
+            kl = (clean.exp() * (clean - spliced)).sum(-1)
+            result.spliced[name].loss += _summed_loss(spliced, targets, counted)
+            result.spliced[name].kl += float((kl * counted).sum())
+        result.tokens += int(counted.sum())
+        result.sequences += len(ids)
+    return result
+
+
+def released_reconstruction(released: dict[str, np.ndarray]) -> Reconstruct:
+    """x -> x_hat of a released JumpReLU SAE on raw activations, in torch (float32)."""
+    W_enc, W_dec, b_enc, b_dec, threshold = (torch.from_numpy(np.ascontiguousarray(released[k]))
+                                             for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"))
+
+    def reconstruct(activation: torch.Tensor) -> torch.Tensor:
+        pre = activation.float() @ W_enc.to(activation.device) + b_enc.to(activation.device)
+        f = pre * (pre > threshold.to(activation.device))
+        return f @ W_dec.to(activation.device) + b_dec.to(activation.device)
+
+    return reconstruct
