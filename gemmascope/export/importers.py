@@ -17,7 +17,7 @@ from gemmascope.errors import UserError
 from gemmascope.export.gemma_scope import read_params_npz
 from gemmascope.export.saelens import CFG, WEIGHTS, read_saelens
 
-_RELEASE_PATH = re.compile(r"(?:^|/)([a-z_]+)/layer_(\d+)/width_[0-9]+[km]/average_l0_\d+[^/]*/?$")
+_RELEASE_PATH = re.compile(r"(?:^|/)([a-z_]+)/layer_(\d+)/width_[0-9]+[km]?/average_l0_\d+[^/]*/?$")
 
 
 @dataclass(frozen=True)
