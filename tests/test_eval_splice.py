@@ -40,8 +40,8 @@ def layer_of(site: str) -> int:
 
 @pytest.mark.parametrize("site", SITES)
 def test_identity_splice_changes_nothing_and_zero_splice_is_zero_ablation(loaded, batch, site):
-    result = lm_metrics(loaded, site, layer_of(site), [batch],
-                        {"identity": lambda a: a.clone(), "zero": torch.zeros_like})
+    (result,) = lm_metrics(loaded, [batch], {(site, layer_of(site)): {
+        "identity": lambda a: a.clone(), "zero": torch.zeros_like}}).values()
     identity, zero = result.metrics("identity"), result.metrics("zero")
     assert abs(identity["delta_loss"]) < 1e-6 and abs(identity["kl"]) < 1e-6
     assert identity["loss_recovered"] == pytest.approx(1.0, abs=1e-5)

@@ -13,7 +13,6 @@ import logging
 from collections import defaultdict
 
 import numpy as np
-from tqdm import tqdm
 
 from gemmascope import storage
 from gemmascope.config import Config
@@ -73,22 +72,23 @@ def run_eval(config: Config, *, progress: bool = True) -> str:
     from gemmascope.models.loading import load_model
 
     loaded = load_model(config.model)
-    with tqdm(total=len(todo), desc="eval", unit="sae", disable=not progress) as bar:
-        for (site, layer), members in streams.items():
-            released = {directory: read_params_npz(storage.read_bytes(storage.join(directory, "params.npz")),
-                                                   storage.join(directory, "params.npz"))
-                        for _, _, directory in members}
-            lm = lm_metrics(loaded, site, layer, batches,
-                            {directory: released_reconstruction(arrays) for directory, arrays in released.items()})
-            for job, spec, directory in members:
-                record = {"site": site, "layer": layer, "width": spec.width, "sparsity": spec.sparsity,
-                          "job": job.id, "name": spec.name, "tokens_trained": spec.tokens,
-                          **activation_metrics(store, site, layer, start, stop, released[directory],
-                                               config.eval.dense_threshold),
-                          **lm.metrics(directory)}
-                storage.write_json_atomic(storage.join(directory, "metrics.json"), record)
-                log.info("%s %s: L0 %.1f, FVU %.3f, delta loss %.4f, loss recovered %.3f", job.id, spec.name,
-                         record["l0"], record["fvu"], record["delta_loss"], record["loss_recovered"])
-                bar.update(1)
-    return f"eval: {len(todo)} SAEs on {lm.tokens:,} held-out tokens ({lm.sequences} sequences) and " \
+    released = {directory: read_params_npz(storage.read_bytes(storage.join(directory, "params.npz")),
+                                           storage.join(directory, "params.npz")) for _, _, directory in todo}
+    log.info("eval: %d SAEs on %d held-out sequences (%d batches), one clean pass per batch", len(todo),
+             sum(len(ids) for ids, _ in batches), len(batches))
+    lm = lm_metrics(loaded, batches, {key: {directory: released_reconstruction(released[directory])
+                                            for _, _, directory in members} for key, members in streams.items()},
+                    progress=progress)
+    for (site, layer), members in streams.items():
+        for job, spec, directory in members:
+            record = {"site": site, "layer": layer, "width": spec.width, "sparsity": spec.sparsity,
+                      "job": job.id, "name": spec.name, "tokens_trained": spec.tokens,
+                      **activation_metrics(store, site, layer, start, stop, released[directory],
+                                           config.eval.dense_threshold),
+                      **lm[(site, layer)].metrics(directory)}
+            storage.write_json_atomic(storage.join(directory, "metrics.json"), record)
+            log.info("%s %s: L0 %.1f, FVU %.3f, delta loss %.4f, loss recovered %.3f", job.id, spec.name,
+                     record["l0"], record["fvu"], record["delta_loss"], record["loss_recovered"])
+    first = next(iter(lm.values()))
+    return f"eval: {len(todo)} SAEs on {first.tokens:,} held-out tokens ({first.sequences} sequences) and " \
            f"{stop - start:,} held-out activation rows"

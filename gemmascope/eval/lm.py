@@ -10,11 +10,12 @@ or EOS targets.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from gemmascope.eval.splice import splice
 from gemmascope.harvest.packing import ROLE_EOS, ROLE_TEXT
@@ -65,10 +66,14 @@ def _only_text(text: torch.Tensor, fn: Reconstruct) -> Reconstruct:
     return replace
 
 
-def lm_metrics(loaded: LoadedModel, site: str, layer: int, batches: Iterable[tuple[np.ndarray, np.ndarray]],
-               reconstructions: dict[str, Reconstruct]) -> LMResult:
-    """Clean, zero-ablated and spliced losses summed over `batches` of (ids [B, T], role [B, T])."""
-    result = LMResult(spliced={name: _Sums() for name in reconstructions})
+def lm_metrics(loaded: LoadedModel, batches: Sequence[tuple[np.ndarray, np.ndarray]],
+               streams: dict[tuple[str, int], dict[str, Reconstruct]], progress: bool = False,
+               ) -> dict[tuple[str, int], LMResult]:
+    """Clean, zero-ablated and spliced losses summed over `batches` of (ids [B, T], role [B, T]),
+    for every (site, layer) stream and each of its SAEs; the clean pass is shared by all."""
+    results = {key: LMResult(spliced={name: _Sums() for name in saes}) for key, saes in streams.items()}
+    passes = 1 + sum(1 + len(saes) for saes in streams.values())
+    bar = tqdm(total=len(batches) * passes, desc="eval LM", unit="pass", disable=not progress)
     for ids_np, role_np in batches:
         ids = torch.as_tensor(ids_np, dtype=torch.long)
         role = torch.as_tensor(role_np)
@@ -77,18 +82,26 @@ def lm_metrics(loaded: LoadedModel, site: str, layer: int, batches: Iterable[tup
         counted = counted.to(loaded.device)
         targets = ids[:, 1:].to(loaded.device)[..., None]
         clean = _log_probs(loaded, ids)
-        result.clean += _summed_loss(clean, targets, counted)
-        with splice(loaded, site, layer, _only_text(text, torch.zeros_like)):
-            result.zero += _summed_loss(_log_probs(loaded, ids), targets, counted)
-        for name, reconstruct in reconstructions.items():
-            with splice(loaded, site, layer, _only_text(text, reconstruct)):
-                spliced = _log_probs(loaded, ids)
-            kl = (clean.exp() * (clean - spliced)).sum(-1)
-            result.spliced[name].loss += _summed_loss(spliced, targets, counted)
-            result.spliced[name].kl += float((kl * counted).sum())
-        result.tokens += int(counted.sum())
-        result.sequences += len(ids)
-    return result
+        clean_loss = _summed_loss(clean, targets, counted)
+        clean_probs = clean.exp()
+        bar.update(1)
+        for (site, layer), saes in streams.items():
+            result = results[(site, layer)]
+            result.clean += clean_loss
+            with splice(loaded, site, layer, _only_text(text, torch.zeros_like)):
+                result.zero += _summed_loss(_log_probs(loaded, ids), targets, counted)
+            bar.update(1)
+            for name, reconstruct in saes.items():
+                with splice(loaded, site, layer, _only_text(text, reconstruct)):
+                    spliced = _log_probs(loaded, ids)
+                kl = (clean_probs * (clean - spliced)).sum(-1)
+                result.spliced[name].loss += _summed_loss(spliced, targets, counted)
+                result.spliced[name].kl += float((kl * counted).sum())
+                bar.update(1)
+            result.tokens += int(counted.sum())
+            result.sequences += len(ids)
+    bar.close()
+    return results
 
 
 def released_reconstruction(released: dict[str, np.ndarray]) -> Reconstruct:
