@@ -11,6 +11,10 @@ ARGS ?=
 # One lock per config, so overlapping `make resume` ticks on this host never start twice.
 LOCK ?= /tmp/gemmascope-$(subst /,_,$(CONFIG)).lock
 
+# The report test opens the HTML in headless Chromium (Debian's package).
+CHROMIUM_STAMP := $(VENV)/.chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 .PHONY: demo test test-slow bench lint harvest train plan sweep resume status clean
 
 $(STAMP): pyproject.toml
@@ -24,7 +28,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/gemmascope demo --out $(OUT)
 
-test: $(STAMP)
+$(CHROMIUM_STAMP): $(STAMP)
+	command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq --no-install-recommends chromium)
+	touch $(CHROMIUM_STAMP)
+
+test: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(STAMP)

@@ -82,13 +82,20 @@ def _export(args: argparse.Namespace) -> None:
     print(run_export(load_config(args.config, args.overrides)))
 
 
+def _report(args: argparse.Namespace) -> None:
+    from gemmascope.config import load_config
+    from gemmascope.report.pages import run_report
+
+    print(run_report(load_config(args.config, args.overrides), progress=not args.no_progress))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from gemmascope.config import load_config
     from gemmascope.pipeline import run_pipeline
 
     path = REPO_CONFIGS / "demo.yaml"
     config = load_config(path, [f"run_dir={args.out}"])
-    logging.getLogger("gemmascope").info("demo: %s -> %s (harvest, sweep, eval, export)", path, args.out)
+    logging.getLogger("gemmascope").info("demo: %s -> %s (harvest, sweep, eval, export, report)", path, args.out)
     for line in run_pipeline(config, ray_address=args.ray_address, progress=not args.no_progress):
         print(line)
 
@@ -120,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="give failed jobs a fresh set of attempts")
     config_command("eval", "L0, FVU, densities and delta LM loss of every trained SAE on held-out data", _eval)
     config_command("export", "evaluated SAEs in the Gemma Scope layout and SAELens's format", _export)
+    config_command("report", "the static HTML report: frontiers, densities, feature pages", _report)
     status = config_command("status", "each job's state, attempts, last metrics and checkpoint", _status)
     status.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -307,6 +307,21 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """The HTML report (RUN/report/index.html)."""
+
+    # Latents shown per SAE (a seeded sample of those that fire on held-out data).
+    features: int = 8
+    # Top-activating contexts per latent.
+    examples: int = 8
+
+    def __post_init__(self) -> None:
+        for key in ("features", "examples"):
+            if getattr(self, key) < 1:
+                raise InvalidValue(key, getattr(self, key), "must be >= 1")
+
+
+@dataclass(frozen=True)
 class Config:
     # Where every output of the run goes: a local path, file://, gs:// or memory:// URL.
     run_dir: str = "runs/default"
@@ -318,6 +333,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     # The file this config came from (for error messages); not part of its identity.
     origin: str = field(default="<defaults>", compare=False)
 

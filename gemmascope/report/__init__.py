@@ -1,0 +1,1 @@
+"""The static HTML report: every SAE's metrics, frontiers, densities and feature pages."""
