@@ -71,8 +71,6 @@ def test_metrics_match_a_numpy_recomputation_on_the_held_out_rows(evaluated):
         assert m["kl"] >= 0
         recovered = (m["zero_ablation_loss"] - m["spliced_loss"]) / (m["zero_ablation_loss"] - m["clean_loss"])
         assert m["loss_recovered"] == pytest.approx(recovered)
-    # More sparsity pressure, fewer active latents.
-    assert metrics(run_dir, "w128-s0.1")["l0"] < metrics(run_dir, "w128-s0.001")["l0"]
 
 
 def test_rerun_skips_and_export_follows(evaluated):
