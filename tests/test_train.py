@@ -100,6 +100,18 @@ def test_killed_run_resumes_bit_identical(uninterrupted, tmp_path, how):
     assert steps == list(range(25, STEPS + 1, 25))  # no step logged twice after the resume
 
 
+def test_sigterm_during_a_checkpointing_step_saves_once_and_exits_143(tmp_path):
+    """Every step checkpoints here, so the signal always lands on a step that already saved."""
+    gaussian_store(tmp_path, n_rows=20000, d_in=64)
+    path = write_yaml(small_config(tmp_path, **{**RESUME, "checkpoint_every": 1}), tmp_path / "config.yaml")
+    process = _run_cli(path)
+    _wait_for_checkpoint(tmp_path, process, at_least=5)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    assert process.returncode == 143, process.stderr.read()[-3000:]
+    assert "checkpointed at step" in process.stderr.read()
+
+
 def test_missing_store(tmp_path):
     with pytest.raises(UserError, match="no activation store"):
         train_job(small_config(tmp_path / "nothing"), "res-L0", progress=False)

@@ -178,10 +178,11 @@ def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainRes
                     bar.set_postfix(l0=f"{records[0]['l0']:.1f}", fvu=f"{records[0]['fvu']:.3f}",
                                     tok_s=f"{rate:,.0f}")
                 bar.update(1)
-                if done % cfg.checkpoint_every == 0 and done < total:
+                if done == total:
+                    break  # finished: saved and exported below, even if SIGTERM came with the last step
+                if done % cfg.checkpoint_every == 0 or terminated:  # one save per step, whichever asked
                     save()
                 if terminated:
-                    save()
                     raise Preempted(f"{job.id}: SIGTERM; checkpointed at step {done}; rerun to continue")
         if start < total:
             save()
