@@ -61,8 +61,8 @@ def test_demo_config_has_the_values_in_the_file():
     assert h.output_format == "zarr3"
     assert config.origin == str(DEMO)
     assert config.saes == (
-        SAEGridEntry(sites=("res",), layers=(3, 6, 9), widths=(1024,), sparsity=(1e-4, 3e-4, 1e-3), tokens=204800),
-        SAEGridEntry(sites=("res",), layers=(6,), widths=(2048,), sparsity=(1e-4, 3e-4, 1e-3), tokens=409600),
+        SAEGridEntry(sites=("res",), layers=(3, 6, 9), widths=(1024,), sparsity=(3e-4, 1e-3, 3e-3), tokens=512000),
+        SAEGridEntry(sites=("res",), layers=(6,), widths=(2048,), sparsity=(3e-4, 1e-3, 3e-3), tokens=1024000),
     )
     assert config.train.batch_size == 1024
     assert config.sweep.cpus_per_job == 1
