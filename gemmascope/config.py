@@ -150,6 +150,9 @@ class SAEGridEntry:
     # The site the SAE reconstructs; null: its input site. A transcoder reads mlp_in and
     # reconstructs mlp (SPEC.md section 5).
     target: str | None = None
+    # Start every SAE of this block from a released SAE (a Gemma Scope params.npz folder or a
+    # SAELens folder, local or gs://) instead of the recipe's initialisation.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("sites", "layers", "widths", "sparsity"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import zipfile
@@ -23,6 +24,7 @@ from gemmascope.sweep.grid import plan_jobs
 from gemmascope.train.checkpoints import Checkpoints
 from gemmascope.train.group import Group, sharded_layout
 from gemmascope.train.mesh import make_mesh
+from gemmascope.train.release import from_release, to_release
 from gemmascope.train.trainer import train_job
 from tests.train_helpers import gaussian_store, small_config
 
@@ -164,3 +166,31 @@ def test_bad_inputs_are_one_line_errors(tmp_path, trained):
             run_export(config)
     finally:
         metrics.write_text(saved)
+
+
+def test_release_reparameterisation_inverts(trained):
+    _, run_dir, _, _ = trained
+    released = load_released(str(released_dir(run_dir, NAMES[1]))).arrays
+    back = to_release(from_release(released, 37.5), 37.5)
+    for key in released:
+        np.testing.assert_allclose(back[key], released[key], rtol=1e-5, atol=1e-6)
+
+
+def test_training_can_start_from_an_exported_sae(trained, tmp_path):
+    """One step at a negligible learning rate: the new job's SAE is the imported one."""
+    _, run_dir, _, _ = trained
+    source = released_dir(run_dir, NAMES[1])
+    gaussian_store(tmp_path, n_rows=4096, d_in=16, seed=3)  # other data, so another scale C
+    config = small_config(tmp_path, widths=(64,), sparsity=(0.01,), steps=1, batch=256, lr=1e-12,
+                          threshold_lr=1e-12, shuffle_rows=2048, norm_sample_rows=1024, log_every=1)
+    config = dataclasses.replace(config, saes=(dataclasses.replace(config.saes[0], init_from=str(source)),))
+    train_job(config, JOB, progress=False)
+    got = read_params_npz((tmp_path / "train" / JOB / "saes" / "w64-s0.01" / "params.npz").read_bytes(), "new")
+    original = load_released(str(source)).arrays
+    for key in original:
+        np.testing.assert_allclose(got[key], original[key], rtol=1e-4, atol=1e-5)
+    wrong = dataclasses.replace(config, run_dir=str(tmp_path / "other"),
+                                saes=(dataclasses.replace(config.saes[0], widths=(128,), init_from=str(source)),))
+    gaussian_store(tmp_path / "other", n_rows=4096, d_in=16, seed=3)
+    with pytest.raises(UserError, match="cannot start res-L0-w128"):
+        train_job(wrong, "res-L0-w128", progress=False)

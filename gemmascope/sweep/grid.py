@@ -42,6 +42,7 @@ class SAESpec:
     sparsity: float
     tokens: int
     target: str  # the reconstructed site; == site unless a transcoder
+    init_from: str | None = None  # a released SAE to start from
 
     @property
     def name(self) -> str:
@@ -101,7 +102,7 @@ def expand(config: Config, info: ModelInfo) -> list[SAESpec]:
             for layer in (layer for layer in layers if exists_at(site, layer)):
                 for width in entry.widths:
                     for sparsity in entry.sparsity:
-                        spec = SAESpec(site, layer, width, sparsity, tokens, entry.target or site)
+                        spec = SAESpec(site, layer, width, sparsity, tokens, entry.target or site, entry.init_from)
                         key = (site, layer, spec.target, width, sparsity)
                         if key in seen:
                             raise ConfigError(f"{config.origin}: saes[{index}]: {site} layer {layer} width {width} "

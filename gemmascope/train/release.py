@@ -38,3 +38,17 @@ def release_encode(released: dict[str, np.ndarray], x_raw: np.ndarray) -> np.nda
 
 def release_decode(released: dict[str, np.ndarray], f: np.ndarray) -> np.ndarray:
     return f @ released["W_dec"] + released["b_dec"]
+
+
+def from_release(released: dict[str, np.ndarray], scale: float) -> JumpReLUParams:
+    """The training-scale parameters of released arrays: the inverse of `to_release`."""
+    W_enc = np.asarray(released["W_enc"], np.float64)
+    b_dec = np.asarray(released["b_dec"], np.float64) / scale
+    b_enc = np.asarray(released["b_enc"], np.float64) / scale + b_dec @ W_enc
+    return JumpReLUParams(
+        W_enc=np.asarray(released["W_enc"], np.float32),
+        b_enc=b_enc.astype(np.float32),
+        W_dec=np.asarray(released["W_dec"], np.float32),
+        b_dec=b_dec.astype(np.float32),
+        log_threshold=np.log(np.asarray(released["threshold"], np.float64) / scale).astype(np.float32),
+    )

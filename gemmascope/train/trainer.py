@@ -29,7 +29,7 @@ from gemmascope.train.group import Group, initial_state, make_train_step, sharde
 from gemmascope.train.loader import ActivationLoader, LoaderState
 from gemmascope.train.mesh import batch_sharding, make_mesh
 from gemmascope.train.normalise import estimate_scale
-from gemmascope.train.release import to_release
+from gemmascope.train.release import from_release, to_release
 from gemmascope.typed_yaml import to_mapping
 
 log = logging.getLogger("gemmascope.train")
@@ -140,7 +140,7 @@ def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainRes
         loader_state = LoaderState(**meta["loader"])
         log.info("%s: resuming from step %d", job.id, int(state.step))
     else:
-        state = initial_state(group, cfg, shardings)
+        state = _start_from_released(initial_state(group, cfg, shardings), job, scale, shardings)
         loader_state = LoaderState()
     start = int(state.step)
 
@@ -195,6 +195,24 @@ def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainRes
     seconds = time.perf_counter() - began
     return TrainResult(job.id, directory, total, total - start,
                        (total - start) * cfg.batch_size / seconds if total > start else 0.0)
+
+
+def _start_from_released(state, job: Job, scale: float, shardings):
+    """Replace the fresh parameters of SAEs with `init_from` by the released SAE, at training scale."""
+    if not any(spec.init_from for spec in job.saes):
+        return state
+    from gemmascope.export.importers import load_released
+
+    params = list(state.params)
+    for index, spec in enumerate(job.saes):
+        if spec.init_from:
+            arrays = load_released(spec.init_from).arrays
+            if arrays["W_enc"].shape != (job.d_in, spec.width):
+                raise UserError(f"{spec.init_from}: an SAE of shape {arrays['W_enc'].shape} cannot start "
+                                f"{job.id} {spec.name} (d_in {job.d_in}, width {spec.width})")
+            params[index] = from_release(arrays, scale)
+            log.info("%s %s: starting from %s", job.id, spec.name, spec.init_from)
+    return jax.device_put(state._replace(params=tuple(params)), shardings)
 
 
 def _main_thread() -> bool:
