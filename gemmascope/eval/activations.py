@@ -16,34 +16,50 @@ BLOCK_ROWS = 4096
 DENSITY_EDGES = np.linspace(-8.0, 0.0, 33)
 
 
+class _Sums:
+    """Running sums for one SAE over the blocks of held-out rows."""
+
+    def __init__(self, released: dict[str, np.ndarray]):
+        self.released = released
+        self.n = 0
+        self.l0 = self.error = self.square = 0.0
+        self.column = np.zeros(released["b_dec"].shape, np.float64)
+        self.fired = np.zeros(released["b_enc"].shape, np.int64)
+
+    def add(self, x: np.ndarray) -> None:
+        f = release_encode(self.released, x)
+        x_hat = release_decode(self.released, f)
+        active = f != 0
+        self.n += len(x)
+        self.l0 += float(active.sum())
+        self.fired += active.sum(axis=0)
+        self.error += float(np.sum((x.astype(np.float64) - x_hat) ** 2))
+        self.square += float(np.sum(x.astype(np.float64) ** 2))
+        self.column += x.sum(axis=0, dtype=np.float64)
+
+    def metrics(self, dense_threshold: float) -> dict:
+        n = self.n
+        total_variance = self.square - float(self.column @ self.column) / n
+        density = self.fired / n
+        counts, _ = np.histogram(np.log10(density[density > 0]), bins=DENSITY_EDGES)
+        return {
+            "eval_rows": n,
+            "l0": self.l0 / n,
+            "mse": self.error / n,
+            "fvu": self.error / total_variance,
+            "dead_fraction": float(np.mean(density == 0)),
+            "dense_fraction": float(np.mean(density > dense_threshold)),
+            "density_histogram": {"log10_edges": DENSITY_EDGES.tolist(), "counts": counts.tolist(),
+                                  "dead": int(np.sum(density == 0))},
+        }
+
+
 def activation_metrics(store: ActivationStore, site: str, layer: int, start: int, stop: int,
-                       released: dict[str, np.ndarray], dense_threshold: float) -> dict:
-    n = 0
-    l0_sum = error_sum = square_sum = 0.0
-    column_sum = np.zeros(released["b_dec"].shape, np.float64)
-    fired = np.zeros(released["b_enc"].shape, np.int64)
+                       released: dict[str, dict[str, np.ndarray]], dense_threshold: float) -> dict[str, dict]:
+    """Metrics of every SAE in `released` (name -> arrays) on one stream, reading each block once."""
+    sums = {name: _Sums(arrays) for name, arrays in released.items()}
     for begin in range(start, stop, BLOCK_ROWS):
         x = np.asarray(store.read(site, layer, begin, min(begin + BLOCK_ROWS, stop)), np.float32)
-        f = release_encode(released, x)
-        x_hat = release_decode(released, f)
-        active = f != 0
-        n += len(x)
-        l0_sum += float(active.sum())
-        fired += active.sum(axis=0)
-        error_sum += float(np.sum((x.astype(np.float64) - x_hat) ** 2))
-        square_sum += float(np.sum(x.astype(np.float64) ** 2))
-        column_sum += x.sum(axis=0, dtype=np.float64)
-    total_variance = square_sum - float(column_sum @ column_sum) / n
-    density = fired / n
-    alive = density[density > 0]
-    counts, _ = np.histogram(np.log10(alive), bins=DENSITY_EDGES)
-    return {
-        "eval_rows": n,
-        "l0": l0_sum / n,
-        "mse": error_sum / n,
-        "fvu": error_sum / total_variance,
-        "dead_fraction": float(np.mean(density == 0)),
-        "dense_fraction": float(np.mean(density > dense_threshold)),
-        "density_histogram": {"log10_edges": DENSITY_EDGES.tolist(), "counts": counts.tolist(),
-                              "dead": int(np.sum(density == 0))},
-    }
+        for total in sums.values():
+            total.add(x)
+    return {name: total.metrics(dense_threshold) for name, total in sums.items()}

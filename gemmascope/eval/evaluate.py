@@ -19,7 +19,7 @@ from gemmascope.config import Config
 from gemmascope.errors import UserError
 from gemmascope.eval.activations import activation_metrics
 from gemmascope.eval.lm import lm_metrics, released_reconstruction
-from gemmascope.export.gemma_scope import read_params_npz
+from gemmascope.export.gemma_scope import load_params_npz
 from gemmascope.store import ActivationStore
 from gemmascope.store.sequences import overlapping_sequences
 from gemmascope.sweep.grid import plan_jobs
@@ -72,20 +72,20 @@ def run_eval(config: Config, *, progress: bool = True) -> str:
     from gemmascope.models.loading import load_model
 
     loaded = load_model(config.model)
-    released = {directory: read_params_npz(storage.read_bytes(storage.join(directory, "params.npz")),
-                                           storage.join(directory, "params.npz")) for _, _, directory in todo}
+    released = {directory: load_params_npz(storage.join(directory, "params.npz")) for _, _, directory in todo}
     log.info("eval: %d SAEs on %d held-out sequences (%d batches), one clean pass per batch", len(todo),
              sum(len(ids) for ids, _ in batches), len(batches))
     lm = lm_metrics(loaded, batches, {key: {directory: released_reconstruction(released[directory])
                                             for _, _, directory in members} for key, members in streams.items()},
                     progress=progress)
     for (site, layer), members in streams.items():
+        stored = activation_metrics(store, site, layer, start, stop,
+                                    {directory: released[directory] for _, _, directory in members},
+                                    config.eval.dense_threshold)
         for job, spec, directory in members:
             record = {"site": site, "layer": layer, "width": spec.width, "sparsity": spec.sparsity,
                       "job": job.id, "name": spec.name, "tokens_trained": spec.tokens,
-                      **activation_metrics(store, site, layer, start, stop, released[directory],
-                                           config.eval.dense_threshold),
-                      **lm[(site, layer)].metrics(directory)}
+                      **stored[directory], **lm[(site, layer)].metrics(directory)}
             storage.write_json_atomic(storage.join(directory, "metrics.json"), record)
             log.info("%s %s: L0 %.1f, FVU %.3f, delta loss %.4f, loss recovered %.3f", job.id, spec.name,
                      record["l0"], record["fvu"], record["delta_loss"], record["loss_recovered"])

@@ -13,6 +13,7 @@ import zipfile
 
 import numpy as np
 
+from gemmascope import storage
 from gemmascope.errors import UserError
 from gemmascope.sweep.grid import width_label
 from gemmascope.train.release import RELEASE_KEYS
@@ -70,3 +71,8 @@ def read_params_npz(data: bytes, where: str) -> dict[str, np.ndarray]:
         raise UserError(f"{where}: not a params.npz ({err})") from None
     check_arrays(arrays, where)
     return arrays
+
+
+def load_params_npz(url: str) -> dict[str, np.ndarray]:
+    """Read and check the params.npz at `url` (local or gs://)."""
+    return read_params_npz(storage.read_bytes(url), url)

@@ -14,7 +14,7 @@ import numpy as np
 
 from gemmascope import storage
 from gemmascope.errors import UserError
-from gemmascope.export.gemma_scope import read_params_npz
+from gemmascope.export.gemma_scope import load_params_npz
 from gemmascope.export.saelens import CFG, WEIGHTS, read_saelens
 
 _RELEASE_PATH = re.compile(r"(?:^|/)([a-z_]+)/layer_(\d+)/width_[0-9]+[km]?/average_l0_\d+[^/]*/?$")
@@ -35,7 +35,7 @@ def load_released(location: str) -> ImportedSAE:
         location = location.rsplit("/", 1)[0]
     npz = storage.join(location, "params.npz")
     if storage.exists(npz):
-        arrays = read_params_npz(storage.read_bytes(npz), npz)
+        arrays = load_params_npz(npz)
         match = _RELEASE_PATH.search(location)
         site, layer = (match.group(1), int(match.group(2))) if match else (None, None)
         return ImportedSAE(arrays, site, layer, "gemma-scope")

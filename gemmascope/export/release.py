@@ -18,7 +18,7 @@ from gemmascope import storage
 from gemmascope.config import Config
 from gemmascope.errors import UserError
 from gemmascope.eval.evaluate import trained_saes
-from gemmascope.export.gemma_scope import params_npz_bytes, read_params_npz, release_dir
+from gemmascope.export.gemma_scope import load_params_npz, params_npz_bytes, release_dir
 from gemmascope.export.saelens import saelens_files
 from gemmascope.store import ActivationStore
 from gemmascope.typed_yaml import to_mapping
@@ -37,7 +37,7 @@ def run_export(config: Config) -> str:
                             f"{config.origin}` first")
         params_url = storage.join(directory, "params.npz")
         entries.append({"spec": spec, "job": job.id, "metrics": storage.read_json(metrics_url),
-                        "arrays": read_params_npz(storage.read_bytes(params_url), params_url)})
+                        "arrays": load_params_npz(params_url)})
     if not entries:
         raise UserError(f"{run}: no finished SAEs to export; run `gemmascope sweep {config.origin}` first")
 

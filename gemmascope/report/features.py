@@ -32,12 +32,9 @@ class Feature:
 
 
 def _latents(store: ActivationStore, site: str, layer: int, start: int, stop: int,
-             released: dict[str, np.ndarray], columns: np.ndarray | None = None) -> np.ndarray:
-    """Latent activations [rows, len(columns)] on the held-out rows (all latents if None)."""
-    part = released if columns is None else {**released, "W_enc": released["W_enc"][:, columns],
-                                             "b_enc": released["b_enc"][columns],
-                                             "threshold": released["threshold"][columns]}
-    blocks = [release_encode(part, np.asarray(store.read(site, layer, b, min(b + BLOCK_ROWS, stop)), np.float32))
+             released: dict[str, np.ndarray]) -> np.ndarray:
+    """Latent activations [rows, d_sae] on the held-out rows."""
+    blocks = [release_encode(released, np.asarray(store.read(site, layer, b, min(b + BLOCK_ROWS, stop)), np.float32))
               for b in range(start, stop, BLOCK_ROWS)]
     return np.concatenate(blocks)
 
@@ -52,10 +49,11 @@ def sample_features(store: ActivationStore, site: str, layer: int, start: int, s
     turns a token id into text; `residual_direction` maps a decoder row into the residual
     stream, ready for the unembedding [vocab, d_model].
     """
-    density = (_latents(store, site, layer, start, stop, released) != 0).mean(axis=0)
+    latents = _latents(store, site, layer, start, stop, released)
+    density = (latents != 0).mean(axis=0)
     alive = np.flatnonzero(density > 0)
     chosen = np.sort(np.random.default_rng(seed).choice(alive, size=min(count, len(alive)), replace=False))
-    acts = _latents(store, site, layer, start, stop, released, chosen)
+    acts = latents[:, chosen]
     features = []
     for column, latent in enumerate(chosen):
         values = acts[:, column]

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from gemmascope import storage
 from gemmascope.config import Config
 from gemmascope.errors import UserError
-from gemmascope.export.gemma_scope import read_params_npz
+from gemmascope.export.gemma_scope import load_params_npz
 from gemmascope.models.loading import LoadedModel, load_model
 from gemmascope.report.features import Feature, sample_features
 from gemmascope.report.svg import bar_chart, line_chart
@@ -146,7 +146,7 @@ def run_report(config: Config, *, progress: bool = True) -> str:
     pages = storage.join(run, "report", "features")
     for entry in tqdm(index["saes"], desc="report", unit="sae", disable=not progress):
         params_url = storage.join(run, entry["path"], "params.npz")
-        released = read_params_npz(storage.read_bytes(params_url), params_url)
+        released = load_params_npz(params_url)
         with torch.inference_mode():
             direction = _residual_direction(loaded, entry["site"], entry["layer"])
         features = sample_features(store, entry["site"], entry["layer"], start, stop, released, tokens=tokens,

@@ -13,7 +13,6 @@ since then.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -30,7 +29,7 @@ from gemmascope.errors import UserError
 from gemmascope.sweep.grid import Job
 from gemmascope.sweep.ledger import DONE, FAILED, RUNNING, JobLedger, Launcher
 from gemmascope.sweep.plan import model_shape, write_plan
-from gemmascope.train.trainer import Preempted, job_dir
+from gemmascope.train.trainer import Preempted, logged_metrics
 
 log = logging.getLogger("gemmascope.sweep")
 
@@ -168,12 +167,8 @@ def _ensure_store(config: Config, jobs: list[Job], ledger: JobLedger, heartbeat:
 
 def _latest_step(config: Config, job: Job) -> int:
     """The last logged step of a job (for the progress bar), 0 if none."""
-    url = storage.join(job_dir(config, job.id), "metrics.jsonl")
-    try:
-        lines = storage.read_bytes(url).decode().splitlines()
-    except FileNotFoundError:
-        return 0
-    return json.loads(lines[-1])["step"] if lines else 0
+    records = logged_metrics(config, job.id)
+    return records[-1]["step"] if records else 0
 
 
 def run_sweep(config: Config, *, ray_address: str | None = None, progress: bool = True,

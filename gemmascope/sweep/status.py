@@ -6,14 +6,13 @@ ledger, each job's metrics.jsonl and its checkpoint directory, and never takes a
 
 from __future__ import annotations
 
-import json
 import time
 
 from gemmascope import storage
 from gemmascope.config import Config
 from gemmascope.sweep.ledger import PENDING, JobLedger, Launcher
 from gemmascope.sweep.plan import model_shape, plan
-from gemmascope.train.trainer import job_dir
+from gemmascope.train.trainer import job_dir, logged_metrics
 
 
 def _plan(config: Config) -> dict:
@@ -25,15 +24,7 @@ def _plan(config: Config) -> dict:
 
 def _last_metrics(config: Config, job_id: str) -> list[dict]:
     """The last logged record of each SAE of the job."""
-    url = storage.join(job_dir(config, job_id), "metrics.jsonl")
-    if not storage.exists(url):
-        return []
-    latest: dict[str, dict] = {}
-    for line in storage.read_bytes(url).decode().splitlines():
-        if line:
-            record = json.loads(line)
-            latest[record["sae"]] = record
-    return list(latest.values())
+    return list({record["sae"]: record for record in logged_metrics(config, job_id)}.values())
 
 
 def _checkpoint_step(config: Config, job_id: str) -> int | None:

@@ -72,6 +72,15 @@ def _check_job_record(directory: str, record: dict) -> None:
     storage.write_json_atomic(url, record)
 
 
+def logged_metrics(config: Config, job_id: str) -> list[dict]:
+    """Every record of a job's metrics.jsonl, in order ([] before its first log)."""
+    try:
+        text = storage.read_bytes(storage.join(job_dir(config, job_id), "metrics.jsonl")).decode()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
 class _MetricsLog:
     """metrics.jsonl, rewritten whole at each log (GCS objects cannot be appended to)."""
 
