@@ -82,6 +82,14 @@ def _export(args: argparse.Namespace) -> None:
     print(run_export(load_config(args.config, args.overrides)))
 
 
+def _import(args: argparse.Namespace) -> None:
+    from gemmascope.config import load_config
+    from gemmascope.export.importers import run_import
+
+    print(run_import(load_config(args.config, args.overrides), args.source, site=args.site, layer=args.layer,
+                     name=args.name))
+
+
 def _report(args: argparse.Namespace) -> None:
     from gemmascope.config import load_config
     from gemmascope.report.pages import run_report
@@ -127,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="give failed jobs a fresh set of attempts")
     config_command("eval", "L0, FVU, densities and delta LM loss of every trained SAE on held-out data", _eval)
     config_command("export", "evaluated SAEs in the Gemma Scope layout and SAELens's format", _export)
+    imports = config_command("import", "bring a released SAE (Gemma Scope or SAELens) into the run", _import)
+    imports.add_argument("--source", required=True,
+                         help="folder (local or gs://) holding params.npz, or sae_weights.safetensors + cfg.json")
+    imports.add_argument("--site", default=None, help="site it reads, when its path does not say (res, mlp, att)")
+    imports.add_argument("--layer", type=int, default=None, help="layer it reads, when its path does not say")
+    imports.add_argument("--name", default=None, help="name under RUN/imported (default: stream + content hash)")
     config_command("report", "the static HTML report: frontiers, densities, feature pages", _report)
     status = config_command("status", "each job's state, attempts, last metrics and checkpoint", _status)
     status.add_argument("--json", action="store_true", help="print one JSON object")

@@ -76,7 +76,7 @@ def test_metrics_match_a_numpy_recomputation_on_the_held_out_rows(evaluated):
 def test_rerun_skips_and_export_follows(evaluated):
     config, run_dir, _ = evaluated
     before = metrics(run_dir, "w128-s0.001")
-    assert run_eval(config, progress=False) == "eval: every trained SAE already has metrics.json"
+    assert run_eval(config, progress=False) == "eval: every SAE of the run already has metrics.json"
     assert metrics(run_dir, "w128-s0.001") == before
     run_export(config)
     index = json.loads((run_dir / "saes" / "index.json").read_text())["saes"]
@@ -122,3 +122,47 @@ def test_report_renders_in_headless_chromium(evaluated, tmp_path):
                     f"--screenshot={shot}", "--window-size=1200,1600", pages[0].as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 10_000
+
+
+def test_an_imported_saelens_sae_is_evaluated_indexed_and_shown_like_the_original(evaluated, tmp_path):
+    """Import the run's own SAE through SAELens's format into a copy of the run: the same
+    arrays must measure the same, and export and the report must carry it."""
+    from dataclasses import replace
+
+    from gemmascope.cli import main
+    from gemmascope.export.importers import run_import
+    from gemmascope.report.pages import run_report
+
+    config, run_dir, _ = evaluated
+    run_export(config)
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = replace(config, run_dir=str(copy))
+    original = json.loads((copy / "saes" / "index.json").read_text())["saes"]
+    source = next(e for e in original if e["name"] == "w128-s0.001")
+    saelens = copy / source["saelens_path"]
+
+    assert main(["import", str(ROOT / "configs" / "tiny-gemma2.yaml"), f"run_dir={copy}", *OVERRIDES,
+                 "--source", str(saelens), "--name", "from-saelens"]) == 0
+    assert "already in the run" in run_import(config, str(saelens), name="from-saelens")
+    with pytest.raises(UserError, match="another SAE was imported under the name 'from-saelens'"):
+        run_import(config, str(copy / original[1]["path"]), name="from-saelens")
+    with pytest.raises(UserError, match="site 'att' layer 1 was not harvested"):
+        run_import(config, str(saelens), site="att", layer=1)  # the store has res and mlp at layers 1, 2
+    assert "1 SAEs" in run_eval(config, progress=False)
+
+    mine = json.loads((copy / "train" / JOB / "saes" / "w128-s0.001" / "metrics.json").read_text())
+    theirs = json.loads((copy / "imported" / "from-saelens" / "metrics.json").read_text())
+    assert theirs["job"] == "imported" and theirs["sparsity"] is None and theirs["source"] == str(saelens)
+    for key in ("l0", "fvu", "delta_loss", "kl", "dead_fraction"):
+        assert theirs[key] == pytest.approx(mine[key], rel=1e-4, abs=1e-6), key
+
+    assert "+ 1 imported" in run_export(config)
+    index = json.loads((copy / "saes" / "index.json").read_text())["saes"]
+    entry = next(e for e in index if e["name"] == "from-saelens")
+    assert entry["path"] == "imported/from-saelens" and not entry["canonical"] and entry["saelens_path"] is None
+    assert not list((copy / "saes").glob("*/*/*/*from-saelens*"))  # not re-released as the run's own
+    run_report(config, progress=False)
+    page = copy / "report" / "features" / "res-L1-w128-from-saelens.html"
+    assert "imported from" in page.read_text() and page.read_text().count('class="feature"') == 8
+    assert "res L1 128 from-saelens" in (copy / "report" / "index.html").read_text()

@@ -1,10 +1,10 @@
-"""`gemmascope eval CONFIG`: measure every trained SAE on held-out data; metrics.json beside its params.
+"""`gemmascope eval CONFIG`: measure every SAE of the run (trained or imported) on held-out data.
 
 Held-out means the last train.holdout_rows rows of the store, which training never
 reads, and the packed sequences that lie wholly inside them. SAEs are evaluated per
 activation stream, so the model loads once and each batch's clean and zero-ablated
-passes are shared by every SAE of the stream. An SAE with a metrics.json is skipped,
-so a rerun only evaluates what is new.
+passes are shared by every SAE of the stream. Each SAE's metrics.json lands beside its
+params.npz; an SAE that has one is skipped, so a rerun only evaluates what is new.
 """
 
 from __future__ import annotations
@@ -18,27 +18,13 @@ from gemmascope import storage
 from gemmascope.config import Config
 from gemmascope.errors import UserError
 from gemmascope.eval.activations import activation_metrics
+from gemmascope.eval.catalog import RunSAE, run_saes
 from gemmascope.eval.lm import lm_metrics, released_reconstruction
 from gemmascope.export.gemma_scope import load_params_npz
 from gemmascope.store import ActivationStore
 from gemmascope.store.sequences import overlapping_sequences
-from gemmascope.sweep.grid import plan_jobs
-from gemmascope.train.trainer import job_dir
 
 log = logging.getLogger("gemmascope.eval")
-
-
-def sae_dir(config: Config, job_id: str, name: str) -> str:
-    return storage.join(job_dir(config, job_id), "saes", name)
-
-
-def trained_saes(config: Config, store: ActivationStore) -> list[tuple]:
-    """(job, SAE spec, its directory) of every SAE whose job is done."""
-    found = []
-    for job in plan_jobs(config, store.model_info()):
-        if storage.exists(storage.join(job_dir(config, job.id), "done.json")):
-            found.extend((job, spec, sae_dir(config, job.id, spec.name)) for spec in job.saes)
-    return found
 
 
 def heldout_batches(config: Config, store: ActivationStore, start: int) -> list[tuple]:
@@ -58,13 +44,12 @@ def run_eval(config: Config, *, progress: bool = True) -> str:
         raise UserError(f"{config.origin}: train.holdout_rows is 0, so no rows were held out to evaluate on")
     start = store.n_rows - holdout
     stop = store.n_rows if config.eval.max_rows is None else min(store.n_rows, start + config.eval.max_rows)
-    todo = [item for item in trained_saes(config, store)
-            if not storage.exists(storage.join(item[2], "metrics.json"))]
+    todo = [sae for sae in run_saes(config, store) if not storage.exists(storage.join(sae.directory, "metrics.json"))]
     if not todo:
-        return "eval: every trained SAE already has metrics.json"
-    streams: dict[tuple, list] = defaultdict(list)
-    for job, spec, directory in todo:
-        streams[(spec.site, spec.layer)].append((job, spec, directory))
+        return "eval: every SAE of the run already has metrics.json"
+    streams: dict[tuple, list[RunSAE]] = defaultdict(list)
+    for sae in todo:
+        streams[(sae.site, sae.layer)].append(sae)
     batches = heldout_batches(config, store, start)
     if not batches:
         raise UserError(f"{store.url}: no whole sequence lies in the last {holdout} rows; "
@@ -72,22 +57,22 @@ def run_eval(config: Config, *, progress: bool = True) -> str:
     from gemmascope.models.loading import load_model
 
     loaded = load_model(config.model)
-    released = {directory: load_params_npz(storage.join(directory, "params.npz")) for _, _, directory in todo}
+    released = {sae.directory: load_params_npz(storage.join(sae.directory, "params.npz")) for sae in todo}
     log.info("eval: %d SAEs on %d held-out sequences (%d batches), one clean pass per batch", len(todo),
              sum(len(ids) for ids, _ in batches), len(batches))
-    lm = lm_metrics(loaded, batches, {key: {directory: released_reconstruction(released[directory])
-                                            for _, _, directory in members} for key, members in streams.items()},
+    lm = lm_metrics(loaded, batches, {key: {sae.directory: released_reconstruction(released[sae.directory])
+                                            for sae in members} for key, members in streams.items()},
                     progress=progress)
     for (site, layer), members in streams.items():
         stored = activation_metrics(store, site, layer, start, stop,
-                                    {directory: released[directory] for _, _, directory in members},
+                                    {sae.directory: released[sae.directory] for sae in members},
                                     config.eval.dense_threshold)
-        for job, spec, directory in members:
-            record = {"site": site, "layer": layer, "width": spec.width, "sparsity": spec.sparsity,
-                      "job": job.id, "name": spec.name, "tokens_trained": spec.tokens,
-                      **stored[directory], **lm[(site, layer)].metrics(directory)}
-            storage.write_json_atomic(storage.join(directory, "metrics.json"), record)
-            log.info("%s %s: L0 %.1f, FVU %.3f, delta loss %.4f, loss recovered %.3f", job.id, spec.name,
+        for sae in members:
+            record = {"site": site, "layer": layer, "width": sae.width, "sparsity": sae.sparsity,
+                      "job": sae.job, "name": sae.name, "tokens_trained": sae.tokens, "source": sae.source,
+                      **stored[sae.directory], **lm[(site, layer)].metrics(sae.directory)}
+            storage.write_json_atomic(storage.join(sae.directory, "metrics.json"), record)
+            log.info("%s %s: L0 %.1f, FVU %.3f, delta loss %.4f, loss recovered %.3f", sae.job, sae.name,
                      record["l0"], record["fvu"], record["delta_loss"], record["loss_recovered"])
     first = next(iter(lm.values()))
     return f"eval: {len(todo)} SAEs on {first.tokens:,} held-out tokens ({first.sequences} sequences) and " \

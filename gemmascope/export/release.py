@@ -1,4 +1,4 @@
-"""`gemmascope export CONFIG`: every evaluated SAE into the Gemma Scope tree and SAELens's format.
+"""`gemmascope export CONFIG`: every evaluated trained SAE into the Gemma Scope tree and SAELens's format.
 
     RUN/saes/<site>/layer_<L>/width_<W>/average_l0_<K>/params.npz   (+ metrics.json, config.json)
     RUN/saelens/<site>/layer_<L>/width_<W>/average_l0_<K>/sae_weights.safetensors (+ cfg.json)
@@ -7,6 +7,8 @@
 
 K is the L0 measured by `gemmascope eval`, so export needs it to have run. Two SAEs of
 one (site, layer, width) that round to the same K get their lambda appended to the folder.
+Imported SAEs are listed in the index (with their own path under RUN/imported, so the
+report shows them beside the run's) but are not re-released or canonical.
 Files are rewritten byte for byte the same on a rerun.
 """
 
@@ -17,7 +19,7 @@ from collections import Counter
 from gemmascope import storage
 from gemmascope.config import Config
 from gemmascope.errors import UserError
-from gemmascope.eval.evaluate import trained_saes
+from gemmascope.eval.catalog import IMPORTED, run_saes
 from gemmascope.export.gemma_scope import load_params_npz, params_npz_bytes, release_dir
 from gemmascope.export.saelens import saelens_files
 from gemmascope.store import ActivationStore
@@ -29,45 +31,50 @@ CANONICAL_L0 = 100
 def run_export(config: Config) -> str:
     store = ActivationStore.open(config.run_dir)
     run = storage.normalize(config.run_dir)
-    entries = []
-    for job, spec, directory in trained_saes(config, store):
-        metrics_url = storage.join(directory, "metrics.json")
+    entries, imported = [], []
+    for sae in run_saes(config, store):
+        metrics_url = storage.join(sae.directory, "metrics.json")
         if not storage.exists(metrics_url):
-            raise UserError(f"{directory}: not evaluated yet (no metrics.json); run `gemmascope eval "
+            raise UserError(f"{sae.directory}: not evaluated yet (no metrics.json); run `gemmascope eval "
                             f"{config.origin}` first")
-        params_url = storage.join(directory, "params.npz")
-        entries.append({"spec": spec, "job": job.id, "metrics": storage.read_json(metrics_url),
-                        "arrays": load_params_npz(params_url)})
-    if not entries:
+        metrics = storage.read_json(metrics_url)
+        if sae.job == IMPORTED:
+            imported.append({**metrics, "canonical": False, "path": f"{IMPORTED}/{sae.name}", "saelens_path": None})
+            continue
+        entries.append({"sae": sae, "metrics": metrics, "arrays": load_params_npz(storage.join(sae.directory,
+                                                                                                 "params.npz"))})
+    if not entries and not imported:
         raise UserError(f"{run}: no finished SAEs to export; run `gemmascope sweep {config.origin}` first")
 
-    folders = [release_dir(e["spec"].site, e["spec"].layer, e["spec"].width, e["metrics"]["l0"]) for e in entries]
+    folders = [release_dir(e["sae"].site, e["sae"].layer, e["sae"].width, e["metrics"]["l0"]) for e in entries]
     clashes = Counter(folders)
     canonical = {}
     for entry in entries:
-        key = (entry["spec"].site, entry["spec"].layer, entry["spec"].width)
+        key = (entry["sae"].site, entry["sae"].layer, entry["sae"].width)
         best = canonical.get(key)
         if best is None or abs(entry["metrics"]["l0"] - CANONICAL_L0) < abs(best["metrics"]["l0"] - CANONICAL_L0):
             canonical[key] = entry
     index = []
     for entry, folder in zip(entries, folders, strict=True):
-        spec = entry["spec"]
+        sae = entry["sae"]
         if clashes[folder] > 1:
-            folder = f"{folder}_lambda{spec.sparsity:g}"
-        is_canonical = canonical[(spec.site, spec.layer, spec.width)] is entry
+            folder = f"{folder}_lambda{sae.sparsity:g}"
+        is_canonical = canonical[(sae.site, sae.layer, sae.width)] is entry
         record = {**entry["metrics"], "canonical": is_canonical, "path": f"saes/{folder}",
                   "saelens_path": f"saelens/{folder}"}
         gemma_dir, saelens_dir = storage.join(run, "saes", folder), storage.join(run, "saelens", folder)
         storage.write_bytes_atomic(storage.join(gemma_dir, "params.npz"), params_npz_bytes(entry["arrays"]))
         storage.write_json_atomic(storage.join(gemma_dir, "metrics.json"), record)
         storage.write_json_atomic(storage.join(gemma_dir, "config.json"),
-                                  {"job": entry["job"], "sae": spec.name, "config": to_mapping(config)})
-        weights, cfg = saelens_files(entry["arrays"], site=spec.site, layer=spec.layer,
+                                  {"job": sae.job, "sae": sae.name, "config": to_mapping(config)})
+        weights, cfg = saelens_files(entry["arrays"], site=sae.site, layer=sae.layer,
                                      model_name=config.model.source, context_size=config.harvest.context_length,
                                      dataset=",".join(config.source.paths) or str(config.source.builtin))
         storage.write_bytes_atomic(storage.join(saelens_dir, "sae_weights.safetensors"), weights)
         storage.write_bytes_atomic(storage.join(saelens_dir, "cfg.json"), cfg)
         index.append(record)
-    storage.write_json_atomic(storage.join(run, "saes", "index.json"), {"model": config.model.source, "saes": index})
-    return f"export: {len(index)} SAEs to {run}/saes (Gemma Scope params.npz) and {run}/saelens (SAELens); " \
+    storage.write_json_atomic(storage.join(run, "saes", "index.json"),
+                              {"model": config.model.source, "saes": index + imported})
+    also = f" (+ {len(imported)} imported, indexed only)" if imported else ""
+    return f"export: {len(index)} SAEs to {run}/saes (Gemma Scope params.npz) and {run}/saelens (SAELens){also}; " \
            f"{sum(r['canonical'] for r in index)} canonical; index at {run}/saes/index.json"

@@ -39,7 +39,15 @@ def _page(title: str, body: str) -> str:
 
 
 def _slug(entry: dict) -> str:
-    return f"{entry['site']}-L{entry['layer']}-w{width_label(entry['width'])}-s{entry['sparsity']:g}"
+    which = f"s{entry['sparsity']:g}" if entry["sparsity"] is not None else entry["name"]
+    return f"{entry['site']}-L{entry['layer']}-w{width_label(entry['width'])}-{which}"
+
+
+def _which(entry: dict) -> str:
+    """An SAE's name beside its stream: its lambda, or where it was imported from."""
+    if entry["sparsity"] is not None:
+        return f"&lambda; {entry['sparsity']:g}"
+    return f"imported from {escape(entry['source'])}"
 
 
 def _stream(entry: dict) -> str:
@@ -49,20 +57,21 @@ def _stream(entry: dict) -> str:
 def index_page(index: dict) -> str:
     saes = sorted(index["saes"], key=lambda e: (e["site"], e["layer"], e["width"], e["l0"]))
     by_stream: dict[str, list[dict]] = defaultdict(list)
-    for entry in saes:
-        by_stream[_stream(entry)].append(entry)
+    for entry in saes:  # imported SAEs are points of their own, not on the run's frontier
+        by_stream[_stream(entry) + (f" {entry['name']}" if entry["sparsity"] is None else "")].append(entry)
     delta = {name: [(e["l0"], e["delta_loss"]) for e in group] for name, group in by_stream.items()}
     fvu = {name: [(e["l0"], e["fvu"]) for e in group] for name, group in by_stream.items()}
     columns = ("site", "layer", "width", "sparsity", "l0", "fvu", "delta_loss", "kl", "loss_recovered",
                "dead_fraction", "dense_fraction")
     rows = []
     for entry in saes:
-        cells = "".join(f"<td>{entry[c]:.4g}</td>" if isinstance(entry[c], float) else f"<td>{escape(str(entry[c]))}</td>"
+        cells = "".join(f"<td>{entry[c]:.4g}</td>" if isinstance(entry[c], float)
+                        else "<td>imported</td>" if entry[c] is None else f"<td>{escape(str(entry[c]))}</td>"
                         for c in columns)
         mark = " &#9733;" if entry["canonical"] else ""
         rows.append(f'<tr>{cells}<td><a href="features/{_slug(entry)}.html">features</a>{mark}</td></tr>')
     densities = "".join(
-        f'<div><div>{escape(_stream(e))}, &lambda; {e["sparsity"]:g} (L0 {e["l0"]:.0f}, {e["density_histogram"]["dead"]} '
+        f'<div><div>{escape(_stream(e))}, {_which(e)} (L0 {e["l0"]:.0f}, {e["density_histogram"]["dead"]} '
         f'dead)</div>{_density_chart(e)}</div>' for e in saes)
     body = (f"<h1>SAEs of {escape(index['model'])}</h1>"
             f"<p>{len(saes)} SAEs, evaluated on held-out data; &#9733; marks the canonical SAE of each "
@@ -97,7 +106,7 @@ def _token_list(items: list[tuple[str, float]]) -> str:
 
 
 def feature_page(entry: dict, features: list[Feature]) -> str:
-    parts = [f"<h1>{escape(_stream(entry))}, &lambda; {entry['sparsity']:g}</h1>",
+    parts = [f"<h1>{escape(_stream(entry))}, {_which(entry)}</h1>",
              f"<p>L0 {entry['l0']:.1f}, FVU {entry['fvu']:.3f}, delta loss {entry['delta_loss']:.4f}, "
              f"loss recovered {entry['loss_recovered']:.3f}. "
              f'<a href="../index.html">all SAEs</a></p>']

@@ -1,0 +1,62 @@
+"""The SAEs of a run that eval, export and report work on: the sweep's finished ones and imported ones.
+
+A trained SAE lives in RUN/train/<job>/saes/<name>/; an SAE brought in with
+`gemmascope import` (a released Gemma Scope or SAELens SAE) lives in
+RUN/imported/<name>/ with an `imported.json` saying where it came from. Both hold a
+params.npz at release scale, so every later stage treats them alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gemmascope import storage
+from gemmascope.config import Config
+from gemmascope.store import ActivationStore
+from gemmascope.sweep.grid import plan_jobs
+from gemmascope.train.trainer import job_dir
+
+IMPORTED = "imported"  # the job column of an imported SAE
+IMPORT_RECORD = "imported.json"
+
+
+@dataclass(frozen=True)
+class RunSAE:
+    site: str
+    layer: int
+    width: int
+    sparsity: float | None  # None: imported, its lambda unknown
+    tokens: int | None  # training tokens, None when imported
+    job: str  # the job id, or "imported"
+    name: str  # unique within its job
+    directory: str  # holds params.npz and, once evaluated, metrics.json
+    source: str | None = None  # where an imported SAE came from
+
+    @property
+    def label(self) -> str:
+        """How pages and logs name it beside its (site, layer, width)."""
+        return f"lambda {self.sparsity:g}" if self.sparsity is not None else f"imported {self.name}"
+
+
+def imported_root(config: Config) -> str:
+    return storage.join(storage.normalize(config.run_dir), IMPORTED)
+
+
+def imported_saes(config: Config) -> list[RunSAE]:
+    found = []
+    for record_url in sorted(storage.glob(storage.join(imported_root(config), "*", IMPORT_RECORD))):
+        record = storage.read_json(record_url)
+        found.append(RunSAE(record["site"], record["layer"], record["width"], None, None, IMPORTED, record["name"],
+                            record_url.rsplit("/", 1)[0], record["source"]))
+    return found
+
+
+def run_saes(config: Config, store: ActivationStore) -> list[RunSAE]:
+    """Every SAE of a finished job, then every imported SAE."""
+    found = []
+    for job in plan_jobs(config, store.model_info()):
+        directory = job_dir(config, job.id)
+        if storage.exists(storage.join(directory, "done.json")):
+            found.extend(RunSAE(spec.site, spec.layer, spec.width, spec.sparsity, spec.tokens, job.id, spec.name,
+                                storage.join(directory, "saes", spec.name)) for spec in job.saes)
+    return found + imported_saes(config)
