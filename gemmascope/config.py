@@ -260,6 +260,9 @@ class TrainConfig:
     # Rows with NaN/inf: stop with an error, or skip them and count.
     nonfinite: Literal["error", "skip"] = "error"
     prefetch_batches: int = 4
+    # Operand dtype of the step's five matmuls (accumulated in float32; parameters,
+    # gradients and optimiser state stay float32). bfloat16 runs them on tensor cores.
+    matmul_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         for key in ("tokens", "batch_size", "checkpoint_every", "log_every", "norm_sample_rows",

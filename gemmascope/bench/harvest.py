@@ -14,15 +14,6 @@ import tempfile
 import time
 
 import numpy as np
-import torch
-
-from gemmascope.config import Config, HarvestConfig, ModelConfig, SourceConfig
-from gemmascope.harvest.driver import array_specs, create_arrays
-from gemmascope.harvest.sources import list_shards
-from gemmascope.harvest.worker import HarvestWorker
-from gemmascope.models.capture import bare_forward
-from gemmascope.store import paths
-from gemmascope.store.layout import Layout
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -46,6 +37,17 @@ def run(args: argparse.Namespace) -> None:
 
 
 def measure(args: argparse.Namespace) -> dict:
+    # Imported here so that `gemmascope bench train-step` runs where torch and Ray are not installed.
+    import torch
+
+    from gemmascope.config import Config, HarvestConfig, ModelConfig, SourceConfig
+    from gemmascope.harvest.driver import array_specs, create_arrays
+    from gemmascope.harvest.sources import list_shards
+    from gemmascope.harvest.worker import HarvestWorker
+    from gemmascope.models.capture import bare_forward
+    from gemmascope.store import paths
+    from gemmascope.store.layout import Layout
+
     with tempfile.TemporaryDirectory(prefix="bench-harvest-", dir=args.out) as run_dir:
         shard_rows = 2048
         unit_rows = -(-args.tokens // shard_rows) * shard_rows

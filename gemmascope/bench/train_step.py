@@ -35,6 +35,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--group", type=int, default=1, help="SAEs trained together on each batch")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype of the activations fed to the step (the store's dtype)")
+    parser.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="operand dtype of the step's matmuls (train.matmul_dtype)")
+    parser.add_argument("--peak-flops", type=float, default=None,
+                        help="the device's peak FLOP/s for MFU (default: known bf16 peaks of H100/H200/A100)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
@@ -51,8 +55,19 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
-def step_seconds(d_in: int, width: int, batch: int, group: int, dtype: str, steps: int) -> float:
-    config = TrainConfig(tokens=batch * 10**6, batch_size=batch, shuffle_rows=batch, sparsity_warmup_steps=1)
+# Dense bfloat16 tensor-core peaks (FLOP/s) of the cards MFU is usually quoted against.
+BF16_PEAKS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def known_peak() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((peak for name, peak in BF16_PEAKS.items() if name in kind), None)
+
+
+def step_seconds(d_in: int, width: int, batch: int, group: int, dtype: str, steps: int,
+                 matmul_dtype: str = "float32") -> float:
+    config = TrainConfig(tokens=batch * 10**6, batch_size=batch, shuffle_rows=batch, sparsity_warmup_steps=1,
+                         matmul_dtype=matmul_dtype)
     members = Group.of(d_in, [(width, 1e-3 * (i + 1)) for i in range(group)])
     mesh = make_mesh(config)
     _, shardings = sharded_layout(members, config, mesh)
@@ -69,20 +84,20 @@ def step_seconds(d_in: int, width: int, batch: int, group: int, dtype: str, step
     return _time(one_step, steps)
 
 
-def matmul_flops_per_s(d_in: int, width: int, batch: int, repeats: int) -> float:
-    x = jax.random.normal(jax.random.key(2), (batch, d_in), jnp.float32)
-    w = jax.random.normal(jax.random.key(3), (d_in, width), jnp.float32)
+def matmul_flops_per_s(d_in: int, width: int, batch: int, repeats: int, dtype: str = "float32") -> float:
+    x = jax.random.normal(jax.random.key(2), (batch, d_in), jnp.float32).astype(dtype)
+    w = jax.random.normal(jax.random.key(3), (d_in, width), jnp.float32).astype(dtype)
     matmul = jax.jit(lambda a, b: a @ b)
     return 2.0 * batch * d_in * width / _time(lambda: matmul(x, w), repeats)
 
 
-def step_matmul_seconds(d_in: int, width: int, batch: int, repeats: int) -> float:
+def step_matmul_seconds(d_in: int, width: int, batch: int, repeats: int, dtype: str = "float32") -> float:
     """Seconds of the five matmuls of one dense step, each timed alone, summed."""
     keys = jax.random.split(jax.random.key(4), 5)
-    x = jax.random.normal(keys[0], (batch, d_in), jnp.float32)  # inputs, and the reconstruction error
-    f = jax.random.normal(keys[1], (batch, width), jnp.float32)  # latents, and their gradient
-    w_enc = jax.random.normal(keys[2], (d_in, width), jnp.float32)
-    w_dec = jax.random.normal(keys[3], (width, d_in), jnp.float32)
+    x = jax.random.normal(keys[0], (batch, d_in), jnp.float32).astype(dtype)  # inputs, and the error
+    f = jax.random.normal(keys[1], (batch, width), jnp.float32).astype(dtype)  # latents, and their gradient
+    w_enc = jax.random.normal(keys[2], (d_in, width), jnp.float32).astype(dtype)
+    w_dec = jax.random.normal(keys[3], (width, d_in), jnp.float32).astype(dtype)
     shapes = [
         (lambda a, b: a @ b, (x, w_enc)),  # pre-activations
         (lambda a, b: a @ b, (f, w_dec)),  # reconstruction
@@ -112,11 +127,13 @@ def streaming_bytes_per_s(d_in: int, width: int, repeats: int) -> float:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    seconds = step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps)
+    seconds = step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps, args.matmul_dtype)
     flops = 10.0 * args.batch * args.d_in * args.width * args.group
-    matmul = matmul_flops_per_s(args.d_in, args.width, args.batch, max(args.steps, 5))
+    matmul = matmul_flops_per_s(args.d_in, args.width, args.batch, max(args.steps, 5), args.matmul_dtype)
+    peak = args.peak_flops or known_peak()
     result = {
         "d_in": args.d_in, "width": args.width, "batch": args.batch, "group": args.group, "dtype": args.dtype,
+        "matmul_dtype": args.matmul_dtype,
         "devices": [str(d) for d in jax.devices()][:1] + ([f"... {len(jax.devices())} total"] if len(jax.devices()) > 1 else []),
         "step_seconds": seconds,
         "steps_per_s": 1.0 / seconds,
@@ -124,8 +141,11 @@ def measure(args: argparse.Namespace) -> dict:
         "flops_per_s": flops / seconds,
         "matmul_flops_per_s": matmul,
         "fraction_of_matmul": flops / seconds / matmul,
+        "peak_flops": peak,
+        "mfu": None if peak is None else flops / seconds / peak,
     }
-    own_matmuls = step_matmul_seconds(args.d_in, args.width, args.batch, max(args.steps, 5)) * args.group
+    own_matmuls = step_matmul_seconds(args.d_in, args.width, args.batch, max(args.steps, 5),
+                                      args.matmul_dtype) * args.group
     optimiser_seconds = 20.0 * 2 * args.d_in * args.width * args.group / streaming_bytes_per_s(
         args.d_in, args.width, max(args.steps, 5))
     ideal = flops / matmul
@@ -136,7 +156,7 @@ def measure(args: argparse.Namespace) -> dict:
         "ceiling_fraction_of_matmul": ideal / (own_matmuls + optimiser_seconds),
     })
     if args.group > 1:
-        single = step_seconds(args.d_in, args.width, args.batch, 1, args.dtype, args.steps)
+        single = step_seconds(args.d_in, args.width, args.batch, 1, args.dtype, args.steps, args.matmul_dtype)
         result["single_step_seconds"] = single
         result["group_cost_vs_singles"] = seconds / (args.group * single)
     return result

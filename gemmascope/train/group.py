@@ -101,7 +101,7 @@ def make_train_step(group: Group, config: TrainConfig, scale: float):
         lam = factor(state.step)
 
         def total_loss(params):
-            outputs = [fused_loss_fn(p, x, sparsity * lam, config.bandwidth)
+            outputs = [fused_loss_fn(p, x, sparsity * lam, config.bandwidth, config.matmul_dtype)
                        for p, (_, sparsity) in zip(params, group.saes, strict=True)]
             return sum(loss for loss, _ in outputs), tuple(out for _, out in outputs)
 

@@ -126,52 +126,66 @@ def loss_fn(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, bandwidth
     return loss, outputs
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def fused_loss_fn(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, bandwidth: float
-                  ) -> tuple[jax.Array, Outputs]:
+def _matmul(a: jax.Array, b: jax.Array, dtype: str, out=jnp.float32) -> jax.Array:
+    """a @ b with operands in `dtype`, accumulated in float32 and returned as `out`.
+
+    bfloat16 operands run the matmuls on a GPU's or TPU's tensor cores at full rate; the
+    parameters, their gradients and the pre-activations stay float32, so the threshold
+    comparisons and the straight-through band are resolved at float32.
+    """
+    if dtype == "float32":
+        return a @ b
+    return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=out)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fused_loss_fn(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, bandwidth: float,
+                  matmul_dtype: str = "float32") -> tuple[jax.Array, Outputs]:
     """`loss_fn` with one hand-written backward pass: the same values and gradients, with
     the elementwise work of both straight-through estimators done in one pass over the
     [batch, d_sae] pre-activations and exactly three backward matmuls. Used for training;
     `loss_fn`, built from the two primitives above, is the readable definition it is
-    tested against."""
-    return _fused_forward(params, x, sparsity)[0]
+    tested against. `matmul_dtype` "bfloat16" rounds the five matmuls' operands."""
+    return _fused_forward(params, x, sparsity, matmul_dtype)[0]
 
 
-def _fused_forward(params, x, sparsity):
-    pre = encode_pre(params, x)
+def _fused_forward(params, x, sparsity, matmul_dtype):
+    pre = _matmul(x, params.W_enc, matmul_dtype) + (params.b_enc - params.b_dec @ params.W_enc)
     theta = jnp.exp(params.log_threshold)
     active = pre > theta
-    diff = jnp.where(active, pre, 0.0) @ params.W_dec + params.b_dec - x
+    f = jnp.where(active, pre, 0.0).astype(matmul_dtype)  # kept for the decoder gradient
+    diff = _matmul(f, params.W_dec, matmul_dtype) + params.b_dec - x
     error = jnp.sum(diff * diff, axis=-1)
     l0 = jnp.mean(jnp.sum(active, axis=-1, dtype=jnp.float32))
     mse = jnp.mean(error)
     loss = mse + sparsity * l0
     centred = x - jnp.mean(x, axis=0)
     outputs = Outputs(loss, mse, l0, jnp.any(active, axis=0), jnp.sum(centred**2), jnp.sum(error))
-    return (loss, outputs), (pre, diff)
+    return (loss, outputs), (pre, f, diff)
 
 
-def _fused_fwd(params, x, sparsity, bandwidth):
-    result, (pre, diff) = _fused_forward(params, x, sparsity)
-    return result, (params, x, sparsity, pre, diff, result[1].l0)
+def _fused_fwd(params, x, sparsity, bandwidth, matmul_dtype):
+    result, (pre, f, diff) = _fused_forward(params, x, sparsity, matmul_dtype)
+    return result, (params, x, sparsity, pre, f, diff, result[1].l0)
 
 
-def _fused_bwd(bandwidth, residuals, cotangents):
-    params, x, sparsity, pre, diff, l0 = residuals
+def _fused_bwd(bandwidth, matmul_dtype, residuals, cotangents):
+    params, x, sparsity, pre, f, diff, l0 = residuals
     g = cotangents[0]  # the diagnostics carry no gradient
     batch = x.shape[0]
     theta = jnp.exp(params.log_threshold)
     active = pre > theta
     g_xhat = (2.0 * g / batch) * diff
-    d_W_dec = jnp.where(active, pre, 0.0).T @ g_xhat
-    d_f = g_xhat @ params.W_dec.T
+    d_W_dec = _matmul(f.T, g_xhat, matmul_dtype)
+    # In matmul_dtype: it only feeds the encoder-gradient matmul and sums over the batch.
+    d_f = _matmul(g_xhat, params.W_dec.T, matmul_dtype, out=matmul_dtype)
     d_pre = jnp.where(active, d_f, 0.0)
     # Both threshold pseudo-derivatives at once: -(1/eps) K(u) (theta * dL/df + g * lambda / B).
     band = rectangle((pre - theta) / bandwidth)
     d_theta = -(1.0 / bandwidth) * jnp.sum(band * (theta * d_f + g * sparsity / batch), axis=0)
-    d_b_enc = jnp.sum(d_pre, axis=0)
+    d_b_enc = jnp.sum(d_pre, axis=0, dtype=jnp.float32)
     grads = JumpReLUParams(
-        W_enc=x.T @ d_pre - jnp.outer(params.b_dec, d_b_enc),  # (x - b_dec)^T @ d_pre
+        W_enc=_matmul(x.T, d_pre, matmul_dtype) - jnp.outer(params.b_dec, d_b_enc),  # (x - b_dec)^T @ d_pre
         b_enc=d_b_enc,
         W_dec=d_W_dec,
         b_dec=jnp.sum(g_xhat, axis=0) - params.W_enc @ d_b_enc,

@@ -1,0 +1,54 @@
+"""Where a training step's time goes: the whole step, the loss and its gradients alone,
+and the parameter update alone, each jitted and timed on its own (GPU or CPU).
+
+    python benchmarks/profile_step.py --width 131072 --matmul-dtype bfloat16
+"""
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gemmascope.bench.train_step import _time, step_seconds
+from gemmascope.config import TrainConfig
+from gemmascope.train.group import Group, build_optimizer, init_state
+from gemmascope.train.jumprelu import fused_loss_fn
+from gemmascope.train.optim import remove_parallel_component, unit_rows
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--d-in", type=int, default=2304)
+parser.add_argument("--width", type=int, default=131072)
+parser.add_argument("--batch", type=int, default=4096)
+parser.add_argument("--matmul-dtype", default="bfloat16")
+parser.add_argument("--steps", type=int, default=10)
+args = parser.parse_args()
+
+config = TrainConfig(tokens=args.batch * 10**6, batch_size=args.batch, shuffle_rows=args.batch,
+                     sparsity_warmup_steps=1, matmul_dtype=args.matmul_dtype)
+group = Group.of(args.d_in, [(args.width, 1e-3)])
+state = init_state(group, config, jax.random.key(0))
+x = jax.random.normal(jax.random.key(1), (args.batch, args.d_in), jnp.float32)
+params = state.params[0]
+
+grad = jax.jit(jax.grad(lambda p: fused_loss_fn(p, x, 1e-3, config.bandwidth, config.matmul_dtype)[0]))
+grads = grad(params)
+optimizer = build_optimizer(config)
+
+
+def update(state_params, opt_state, grads):
+    grads = (grads[0]._replace(W_dec=remove_parallel_component(grads[0].W_dec, state_params[0].W_dec)),)
+    updates, opt_state = optimizer.update(grads, opt_state, state_params)
+    new = optax.apply_updates(state_params, updates)
+    return tuple(p._replace(W_dec=unit_rows(p.W_dec)) for p in new), opt_state
+
+
+update = jax.jit(update)
+result = {
+    "width": args.width, "matmul_dtype": args.matmul_dtype,
+    "step_s": step_seconds(args.d_in, args.width, args.batch, 1, "float32", args.steps, args.matmul_dtype),
+    "loss_and_grads_s": _time(lambda: grad(params), args.steps),
+    "update_s": _time(lambda: update(state.params, state.opt_state, (grads,)), args.steps),
+}
+print(json.dumps(result))
