@@ -39,11 +39,17 @@ test: $(STAMP) $(CHROMIUM_STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
+RESULTS ?= benchmarks/results
 bench: $(STAMP)
-	$(BIN)/gemmascope bench harvest --json
-	$(BIN)/gemmascope bench train-step --d-in 640 --width 4096 --batch 1024 --json
-	$(BIN)/gemmascope bench train-step --d-in 2304 --width 16384 --batch 256 --json
-	$(BIN)/gemmascope bench train-step --d-in 640 --width 4096 --batch 1024 --group 8 --json
+	mkdir -p $(RESULTS)
+	$(BIN)/gemmascope bench harvest --json > $(RESULTS)/harvest.json
+	$(BIN)/gemmascope bench loader --json > $(RESULTS)/loader.json
+	$(BIN)/gemmascope bench train-step --d-in 640 --width 4096 --batch 1024 --json > $(RESULTS)/train-step-small.json
+	$(BIN)/gemmascope bench train-step --d-in 2304 --width 16384 --batch 256 --json > $(RESULTS)/train-step-16k.json
+	$(BIN)/gemmascope bench train-step --d-in 640 --width 4096 --batch 1024 --group 8 --json > $(RESULTS)/train-step-group8.json
+	$(BIN)/gemmascope bench train-step --d-in 2304 --width 65536 --batch 1024 --group 2 --steps 2 --json \
+		> $(RESULTS)/train-step-65k-group2.json
+	$(BIN)/gemmascope bench summary $(RESULTS) | tee $(RESULTS)/summary.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check gemmascope tests

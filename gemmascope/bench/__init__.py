@@ -17,7 +17,9 @@ def report(result: dict, as_json: bool) -> None:
 
 
 def add_benchmarks(commands: argparse._SubParsersAction) -> None:
-    from gemmascope.bench import harvest, train_step
+    from gemmascope.bench import harvest, loader, summary, train_step
 
     harvest.add_parser(commands)
+    loader.add_parser(commands)
+    summary.add_parser(commands)
     train_step.add_parser(commands)

@@ -17,6 +17,7 @@ streaming bandwidth, and no matmul hides that traffic.
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import jax
@@ -142,6 +143,8 @@ def measure(args: argparse.Namespace) -> dict:
         "matmul_flops_per_s": matmul,
         "fraction_of_matmul": flops / seconds / matmul,
         "peak_flops": peak,
+        # Parameters, Adam second moments and gradients of the group, float32.
+        "state_bytes": 3 * 4 * (2 * args.d_in * args.width + 3 * args.width + args.d_in) * args.group,
         "mfu": None if peak is None else flops / seconds / peak,
     }
     own_matmuls = step_matmul_seconds(args.d_in, args.width, args.batch, max(args.steps, 5),
@@ -159,6 +162,7 @@ def measure(args: argparse.Namespace) -> dict:
         single = step_seconds(args.d_in, args.width, args.batch, 1, args.dtype, args.steps, args.matmul_dtype)
         result["single_step_seconds"] = single
         result["group_cost_vs_singles"] = seconds / (args.group * single)
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
 
 

@@ -1,0 +1,61 @@
+"""`gemmascope bench summary DIR`: the markdown table of the JSON results `make bench` wrote to DIR.
+
+Each row is a ratio or a rate measured side by side in one run of one benchmark, next to
+the target it is held to; nothing here is compared across runs or machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("summary", help="markdown table of the JSON results in a directory")
+    parser.add_argument("directory", help="where `make bench` wrote its JSON (benchmarks/results)")
+    parser.set_defaults(run=run)
+
+
+def _train_rows(name: str, r: dict) -> list[tuple[str, str, str]]:
+    shape = f"({r['d_in']}, {r['width']}, batch {r['batch']}{', ' + r['matmul_dtype'] if r.get('matmul_dtype', 'float32') != 'float32' else ''})"
+    rows = [(f"train step {shape}", f"{r['tokens_per_s']:,.0f} tok/s; {r['fraction_of_matmul']:.2f} of matmul FLOP/s "
+             f"(ceiling {r['ceiling_fraction_of_matmul']:.2f})", ">= 0.85 of matmul")]
+    if r.get("mfu") is not None:
+        rows.append((f"train step {shape} on {r['devices'][0]}", f"MFU {r['mfu']:.3f} of bf16 peak", ">= 0.50"))
+    if r["group"] > 1:
+        rows.append((f"group of {r['group']} {shape}", f"{r['group_cost_vs_singles']:.3f} x {r['group']} single steps",
+                     "<= 1.05"))
+    if "peak_rss_bytes" in r and r["width"] >= 65536:
+        rows.append((f"peak RSS, group of {r['group']} {shape}", f"{r['peak_rss_bytes'] / 2**30:.2f} GiB "
+                     f"(state {r['state_bytes'] / 2**30:.2f} GiB)", "documented"))
+    return rows
+
+
+def summarise(directory: Path) -> str:
+    rows: list[tuple[str, str, str]] = []
+    for path in sorted(directory.glob("*.json*")):
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if "fraction_of_matmul" in r:
+                rows.extend(_train_rows(path.stem, r))
+            elif "store_over_memory" in r:
+                rows.append((f"loader ({r['d_in']}, {r['width']}, batch {r['batch']}, {r['store_dtype']} store)",
+                             f"{r['store_over_memory']:.3f} x in-memory step time; serves "
+                             f"{r['loader_rows_per_s']:,.0f} rows/s", "<= 1.05"))
+                rows.append(("loader memory", f"RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB peak, "
+                             f"{r['rss_growth_bytes_per_step_after_warmup'] / 2**10:+.1f} KiB/step after warm-up",
+                             "flat"))
+            elif "bare_forward_tokens_per_s" in r:
+                rows.append((f"harvest {r['model']} {','.join(r['sites'])} x {r['layers']} layers",
+                             f"{r['tokens_per_s']:,.0f} tok/s; {1 + r['overhead']:.3f} x bare forward",
+                             "<= 1.10"))
+    lines = ["| benchmark | measured (one run, side by side) | target |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> None:
+    print(summarise(Path(args.directory)), end="")
