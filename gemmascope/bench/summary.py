@@ -18,11 +18,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _train_rows(name: str, r: dict) -> list[tuple[str, str, str]]:
-    shape = f"({r['d_in']}, {r['width']}, batch {r['batch']}{', ' + r['matmul_dtype'] if r.get('matmul_dtype', 'float32') != 'float32' else ''})"
+    shape = f"({r['d_in']}, {r['width']}, batch {r['batch']}, {r.get('matmul_dtype', 'float32')}) on {r['devices'][0]}"
     rows = [(f"train step {shape}", f"{r['tokens_per_s']:,.0f} tok/s; {r['fraction_of_matmul']:.2f} of matmul FLOP/s "
              f"(ceiling {r['ceiling_fraction_of_matmul']:.2f})", ">= 0.85 of matmul")]
     if r.get("mfu") is not None:
-        rows.append((f"train step {shape} on {r['devices'][0]}", f"MFU {r['mfu']:.3f} of bf16 peak", ">= 0.50"))
+        rows.append((f"train step {shape}", f"MFU {r['mfu']:.3f} of the bf16 peak", ">= 0.50"))
     if r["group"] > 1:
         rows.append((f"group of {r['group']} {shape}", f"{r['group_cost_vs_singles']:.3f} x {r['group']} single steps",
                      "<= 1.05"))

@@ -153,7 +153,7 @@ def _fused_forward(params, x, sparsity, matmul_dtype):
     pre = _matmul(x, params.W_enc, matmul_dtype) + (params.b_enc - params.b_dec @ params.W_enc)
     theta = jnp.exp(params.log_threshold)
     active = pre > theta
-    f = jnp.where(active, pre, 0.0).astype(matmul_dtype)  # kept for the decoder gradient
+    f = jnp.where(active, pre, 0.0).astype(matmul_dtype)
     diff = _matmul(f, params.W_dec, matmul_dtype) + params.b_dec - x
     error = jnp.sum(diff * diff, axis=-1)
     l0 = jnp.mean(jnp.sum(active, axis=-1, dtype=jnp.float32))
@@ -166,7 +166,10 @@ def _fused_forward(params, x, sparsity, matmul_dtype):
 
 def _fused_fwd(params, x, sparsity, bandwidth, matmul_dtype):
     result, (pre, f, diff) = _fused_forward(params, x, sparsity, matmul_dtype)
-    return result, (params, x, sparsity, pre, f, diff, result[1].l0)
+    # float32 recomputes the latents from `pre` in the backward pass (one [batch, d_sae]
+    # buffer fewer, same speed); bfloat16 keeps its half-size copy (one pass fewer).
+    kept = None if matmul_dtype == "float32" else f
+    return result, (params, x, sparsity, pre, kept, diff, result[1].l0)
 
 
 def _fused_bwd(bandwidth, matmul_dtype, residuals, cotangents):
@@ -176,6 +179,7 @@ def _fused_bwd(bandwidth, matmul_dtype, residuals, cotangents):
     theta = jnp.exp(params.log_threshold)
     active = pre > theta
     g_xhat = (2.0 * g / batch) * diff
+    f = jnp.where(active, pre, 0.0) if f is None else f
     d_W_dec = _matmul(f.T, g_xhat, matmul_dtype)
     # In matmul_dtype: it only feeds the encoder-gradient matmul and sums over the batch.
     d_f = _matmul(g_xhat, params.W_dec.T, matmul_dtype, out=matmul_dtype)
