@@ -263,6 +263,10 @@ class TrainConfig:
     # Operand dtype of the step's five matmuls (accumulated in float32; parameters,
     # gradients and optimiser state stay float32). bfloat16 runs them on tensor cores.
     matmul_dtype: Literal["float32", "bfloat16"] = "float32"
+    # On a single CPU device, steps whose active + straight-through-band latents are at
+    # most this fraction of the width in every row take the sparse path (same result,
+    # work in proportion to the active latents); 0 keeps every step dense.
+    sparse_max_density: float = 0.05
 
     def __post_init__(self) -> None:
         for key in ("tokens", "batch_size", "checkpoint_every", "log_every", "norm_sample_rows",
@@ -281,6 +285,8 @@ class TrainConfig:
                 raise InvalidValue(key, getattr(self, key), "must be >= 0")
         if self.mesh_data is not None and self.mesh_data < 1:
             raise InvalidValue("mesh_data", self.mesh_data, "must be >= 1")
+        if not 0 <= self.sparse_max_density <= 1:
+            raise InvalidValue("sparse_max_density", self.sparse_max_density, "must be in [0, 1]")
         if self.shuffle_rows < self.batch_size:
             raise InvalidValue("shuffle_rows", self.shuffle_rows, f"must be >= batch_size ({self.batch_size})")
 

@@ -39,7 +39,12 @@ def summarise(directory: Path) -> str:
             if not line.strip():
                 continue
             r = json.loads(line)
-            if "fraction_of_matmul" in r:
+            if "sparse_speedup" in r:
+                rows.append((f"sparse step ({r['d_in']}, {r['width']}, batch {r['batch']}) at L0 {r['l0']:.0f} "
+                             f"({r['l0_fraction']:.1%} of width)",
+                             f"{r['sparse_tokens_per_s']:,.0f} vs {r['dense_tokens_per_s']:,.0f} tok/s dense: "
+                             f"{r['sparse_speedup']:.2f}x", ">= 2x"))
+            elif "fraction_of_matmul" in r:
                 rows.extend(_train_rows(path.stem, r))
             elif "store_over_memory" in r:
                 rows.append((f"loader ({r['d_in']}, {r['width']}, batch {r['batch']}, {r['store_dtype']} store)",

@@ -22,6 +22,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gemmascope.config import TrainConfig
 from gemmascope.train.group import Group, initial_state, make_train_step, sharded_layout
@@ -40,6 +41,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="operand dtype of the step's matmuls (train.matmul_dtype)")
     parser.add_argument("--peak-flops", type=float, default=None,
                         help="the device's peak FLOP/s for MFU (default: known bf16 peaks of H100/H200/A100)")
+    parser.add_argument("--l0-fraction", type=float, default=None,
+                        help="set thresholds for this L0 / width and time the sparse step beside the dense one")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
@@ -65,24 +68,42 @@ def known_peak() -> float | None:
     return next((peak for name, peak in BF16_PEAKS.items() if name in kind), None)
 
 
+def with_density(state, x: jax.Array, fraction: float):
+    """`state` with each latent's threshold at its (1 - fraction) quantile on `x`: L0 = fraction x width."""
+    params = []
+    for p in state.params:
+        pre = np.asarray(x.astype(jnp.float32) @ p.W_enc)
+        theta = np.maximum(np.quantile(pre, 1.0 - fraction, axis=0), 1e-3).astype(np.float32)
+        params.append(p._replace(log_threshold=jax.device_put(np.log(theta), p.log_threshold.sharding)))
+    return state._replace(params=tuple(params))
+
+
 def step_seconds(d_in: int, width: int, batch: int, group: int, dtype: str, steps: int,
-                 matmul_dtype: str = "float32") -> float:
+                 matmul_dtype: str = "float32", l0_fraction: float | None = None, use_sparse: bool = False,
+                 measured: dict | None = None) -> float:
+    """Best seconds per step; with `l0_fraction`, at that activity; `measured` receives the last L0."""
     config = TrainConfig(tokens=batch * 10**6, batch_size=batch, shuffle_rows=batch, sparsity_warmup_steps=1,
                          matmul_dtype=matmul_dtype)
     members = Group.of(d_in, [(width, 1e-3 * (i + 1)) for i in range(group)])
     mesh = make_mesh(config)
     _, shardings = sharded_layout(members, config, mesh)
     state = initial_state(members, config, shardings)
-    step = jax.jit(make_train_step(members, config, scale=1.0), in_shardings=(shardings, batch_sharding(mesh)),
-                   out_shardings=(shardings, None), donate_argnums=0)
+    step = jax.jit(make_train_step(members, config, scale=1.0, use_sparse=use_sparse),
+                   in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
+                   donate_argnums=0)
     x = jax.random.normal(jax.random.key(1), (batch, d_in), jnp.float32).astype(dtype)
+    if l0_fraction is not None:
+        state = with_density(state, x, l0_fraction)
     holder = {"state": state}
 
     def one_step():
-        holder["state"], metrics = step(holder["state"], x)
+        holder["state"], holder["metrics"] = step(holder["state"], x)
         return holder["state"].step
 
-    return _time(one_step, steps)
+    seconds = _time(one_step, steps)
+    if measured is not None:
+        measured["l0"] = float(np.mean(holder["metrics"]["l0"]))
+    return seconds
 
 
 def matmul_flops_per_s(d_in: int, width: int, batch: int, repeats: int, dtype: str = "float32") -> float:
@@ -127,7 +148,27 @@ def streaming_bytes_per_s(d_in: int, width: int, repeats: int) -> float:
     return 5 * param.nbytes / _time(one_update, repeats)
 
 
+def measure_sparse(args: argparse.Namespace) -> dict:
+    """Dense and sparse steps at the same activity, alternating, best of each."""
+    dense, sparse, measured = [], [], {}
+    for _ in range(2):
+        dense.append(step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps,
+                                  l0_fraction=args.l0_fraction))
+        sparse.append(step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps,
+                                   l0_fraction=args.l0_fraction, use_sparse=True, measured=measured))
+    return {
+        "d_in": args.d_in, "width": args.width, "batch": args.batch, "group": args.group,
+        "devices": [str(d) for d in jax.devices()][:1],
+        "l0": measured["l0"], "l0_fraction": measured["l0"] / args.width,
+        "dense_step_seconds": min(dense), "sparse_step_seconds": min(sparse),
+        "dense_tokens_per_s": args.batch / min(dense), "sparse_tokens_per_s": args.batch / min(sparse),
+        "sparse_speedup": min(dense) / min(sparse),
+    }
+
+
 def measure(args: argparse.Namespace) -> dict:
+    if args.l0_fraction is not None:
+        return measure_sparse(args)
     seconds = step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps, args.matmul_dtype)
     flops = 10.0 * args.batch * args.d_in * args.width * args.group
     matmul = matmul_flops_per_s(args.d_in, args.width, args.batch, max(args.steps, 5), args.matmul_dtype)

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import optax
 
 from gemmascope.config import TrainConfig
-from gemmascope.train.jumprelu import JumpReLUParams, fused_loss_fn, init_params
+from gemmascope.train import sparse
+from gemmascope.train.jumprelu import JumpReLUParams, init_params
 from gemmascope.train.mesh import tree_shardings
 from gemmascope.train.optim import (
     make_optimizer,
@@ -84,11 +85,14 @@ def initial_state(group: Group, config: TrainConfig, shardings) -> TrainState:
     return init(jax.random.key(config.seed))
 
 
-def make_train_step(group: Group, config: TrainConfig, scale: float):
+def make_train_step(group: Group, config: TrainConfig, scale: float, *, use_sparse: bool = False):
     """(state, raw batch [B, d_in]) -> (new state, metrics); pure, for `jax.jit`.
 
     The SAEs are unrolled, not vmapped: each keeps plain 2-D matmuls, which XLA runs at
-    full speed on every backend, while the batch is still converted once for all.
+    full speed on every backend, while the batch is still converted once for all. Each
+    SAE's gradient comes from its own hand-written backward pass (no parameter is
+    shared, so the group's summed loss would give the same); with `use_sparse`
+    (`sparse.sparse_available`) a step takes the sparse path whenever its activity allows.
     """
     optimizer = build_optimizer(config)
     factor = sparsity_schedule(config.sparsity_warmup_steps)
@@ -100,12 +104,11 @@ def make_train_step(group: Group, config: TrainConfig, scale: float):
         x = x_raw.astype(jnp.float32) * inverse_scale
         lam = factor(state.step)
 
-        def total_loss(params):
-            outputs = [fused_loss_fn(p, x, sparsity * lam, config.bandwidth, config.matmul_dtype)
-                       for p, (_, sparsity) in zip(params, group.saes, strict=True)]
-            return sum(loss for loss, _ in outputs), tuple(out for _, out in outputs)
-
-        (_, outputs), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)
+        results = [sparse.value_and_grad(p, x, sparsity * lam, config.bandwidth, config.matmul_dtype,
+                                         sparse.capacity(width, config) if use_sparse else None)
+                   for p, (width, sparsity) in zip(state.params, group.saes, strict=True)]
+        outputs = tuple(out for _, out, _ in results)
+        grads = tuple(grad for _, _, grad in results)
         grads = tuple(g._replace(W_dec=remove_parallel_component(g.W_dec, p.W_dec))
                       for g, p in zip(grads, state.params, strict=True))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -143,14 +143,20 @@ def fused_loss_fn(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, ban
                   matmul_dtype: str = "float32") -> tuple[jax.Array, Outputs]:
     """`loss_fn` with one hand-written backward pass: the same values and gradients, with
     the elementwise work of both straight-through estimators done in one pass over the
-    [batch, d_sae] pre-activations and exactly three backward matmuls. Used for training;
-    `loss_fn`, built from the two primitives above, is the readable definition it is
-    tested against. `matmul_dtype` "bfloat16" rounds the five matmuls' operands."""
+    [batch, d_sae] pre-activations and exactly three backward matmuls. Training runs the
+    same two passes through `dense_value_and_grad` (or the sparse path, tested against
+    this); `loss_fn`, built from the two primitives above, is the readable definition
+    this is tested against. `matmul_dtype` "bfloat16" rounds the five matmuls' operands."""
     return _fused_forward(params, x, sparsity, matmul_dtype)[0]
 
 
-def _fused_forward(params, x, sparsity, matmul_dtype):
-    pre = _matmul(x, params.W_enc, matmul_dtype) + (params.b_enc - params.b_dec @ params.W_enc)
+def encode_pre_matmul(params: JumpReLUParams, x: jax.Array, matmul_dtype: str) -> jax.Array:
+    """`encode_pre` with the matmul's operands in `matmul_dtype`."""
+    return _matmul(x, params.W_enc, matmul_dtype) + (params.b_enc - params.b_dec @ params.W_enc)
+
+
+def _fused_forward(params, x, sparsity, matmul_dtype, pre=None):
+    pre = encode_pre_matmul(params, x, matmul_dtype) if pre is None else pre
     theta = jnp.exp(params.log_threshold)
     active = pre > theta
     f = jnp.where(active, pre, 0.0).astype(matmul_dtype)
@@ -164,12 +170,16 @@ def _fused_forward(params, x, sparsity, matmul_dtype):
     return (loss, outputs), (pre, f, diff)
 
 
-def _fused_fwd(params, x, sparsity, bandwidth, matmul_dtype):
-    result, (pre, f, diff) = _fused_forward(params, x, sparsity, matmul_dtype)
+def _forward_with_residuals(params, x, sparsity, matmul_dtype, pre=None):
+    result, (pre, f, diff) = _fused_forward(params, x, sparsity, matmul_dtype, pre)
     # float32 recomputes the latents from `pre` in the backward pass (one [batch, d_sae]
     # buffer fewer, same speed); bfloat16 keeps its half-size copy (one pass fewer).
     kept = None if matmul_dtype == "float32" else f
     return result, (params, x, sparsity, pre, kept, diff, result[1].l0)
+
+
+def _fused_fwd(params, x, sparsity, bandwidth, matmul_dtype):
+    return _forward_with_residuals(params, x, sparsity, matmul_dtype)
 
 
 def _fused_bwd(bandwidth, matmul_dtype, residuals, cotangents):
@@ -200,6 +210,16 @@ def _fused_bwd(bandwidth, matmul_dtype, residuals, cotangents):
 
 
 fused_loss_fn.defvjp(_fused_fwd, _fused_bwd)
+
+
+def dense_value_and_grad(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, bandwidth: float,
+                         matmul_dtype: str, pre: jax.Array) -> tuple[jax.Array, Outputs, JumpReLUParams]:
+    """(loss, diagnostics, gradients) of `fused_loss_fn` given the pre-activations already
+    computed, so a caller that measured them (to choose the sparse path) pays no second
+    encoder matmul."""
+    result, residuals = _forward_with_residuals(params, x, sparsity, matmul_dtype, pre)
+    grads, _, _ = _fused_bwd(bandwidth, matmul_dtype, residuals, (jnp.ones((), jnp.float32), None))
+    return result[0], result[1], grads
 
 
 def encode(params: JumpReLUParams, x: jax.Array) -> jax.Array:

@@ -30,6 +30,7 @@ from gemmascope.train.loader import ActivationLoader, LoaderState
 from gemmascope.train.mesh import batch_sharding, make_mesh
 from gemmascope.train.normalise import estimate_scale
 from gemmascope.train.release import from_release, to_release
+from gemmascope.train.sparse import sparse_available
 from gemmascope.typed_yaml import to_mapping
 
 log = logging.getLogger("gemmascope.train")
@@ -154,7 +155,7 @@ def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainRes
     start = int(state.step)
 
     placement = batch_sharding(mesh)
-    step_fn = jax.jit(make_train_step(group, cfg, scale), in_shardings=(shardings, placement),
+    step_fn = jax.jit(make_train_step(group, cfg, scale, use_sparse=sparse_available(mesh, cfg)), in_shardings=(shardings, placement),
                       out_shardings=(shardings, None), donate_argnums=0)
     loader = ActivationLoader(store, *key, batch_size=cfg.batch_size, shuffle_rows=cfg.shuffle_rows,
                               seed=cfg.seed, stop_row=stop_row, nonfinite=cfg.nonfinite,

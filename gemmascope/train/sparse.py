@@ -1,0 +1,117 @@
+"""The sparse-aware training step: work in proportion to the active latents, not the width.
+
+The encoder matmul stays dense: every pre-activation must be known to find the active
+ones. Everything after it needs only the (row, latent) pairs with pre > theta - eps
+(the active latents and the straight-through band around each threshold; a full
+bandwidth below theta, so rounding at the band's edge never drops a pair): the decoder
+pass, the latent gradient, both weight gradients, and the threshold and bias gradients.
+Each step measures that count and takes the sparse branch when every row's pairs fit
+`capacity` (= train.sparse_max_density x width), the dense one otherwise, inside one
+compiled program (`lax.cond`); both give the same values and gradients.
+
+The sparse branch runs the kernels of `sparse_kernels` on the host through
+`jax.pure_callback`, so it serves a single CPU device (a host training one job); with
+a GPU, TPU or a sharded mesh every step is dense.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from gemmascope.config import TrainConfig
+from gemmascope.train.jumprelu import (
+    JumpReLUParams,
+    Outputs,
+    dense_value_and_grad,
+    encode_pre_matmul,
+    rectangle,
+)
+
+
+def sparse_available(mesh: Mesh, config: TrainConfig) -> bool:
+    """Whether this job's steps may take the sparse branch."""
+    return (config.sparse_max_density > 0 and config.matmul_dtype == "float32" and mesh.size == 1
+            and mesh.devices.flat[0].platform == "cpu")
+
+
+def capacity(width: int, config: TrainConfig) -> int:
+    return max(1, int(width * config.sparse_max_density))
+
+
+def _host(kernel_name: str, result, *args, **static):
+    """Run a `sparse_kernels` kernel on host views of `args`; `result` its ShapeDtypeStruct(s)."""
+
+    def call(*arrays):
+        from gemmascope.train import sparse_kernels
+
+        return getattr(sparse_kernels, kernel_name)(*map(np.asarray, arrays), *static.values())
+
+    return jax.pure_callback(call, result, *args)
+
+
+def pair_count(params: JumpReLUParams, pre: jax.Array, bandwidth: float) -> jax.Array:
+    """The largest number of pairs the sparse branch needs in any row."""
+    floor = jnp.exp(params.log_threshold) - bandwidth
+    return jnp.max(jnp.sum(pre > floor, axis=-1))
+
+
+def value_and_grad(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, bandwidth: float,
+                   matmul_dtype: str, slots: int | None) -> tuple[jax.Array, Outputs, JumpReLUParams]:
+    """(loss, diagnostics, gradients) of one SAE on normalised x; sparse when the pairs fit `slots`."""
+    pre = encode_pre_matmul(params, x, matmul_dtype)
+    dense = partial(_dense, bandwidth=bandwidth, matmul_dtype=matmul_dtype)
+    if slots is None:
+        return dense(params, x, sparsity, pre)
+    sparse = partial(_sparse, bandwidth=bandwidth, slots=slots)
+    return jax.lax.cond(pair_count(params, pre, bandwidth) <= slots, sparse, dense, params, x, sparsity, pre)
+
+
+def _dense(params, x, sparsity, pre, *, bandwidth, matmul_dtype):
+    return dense_value_and_grad(params, x, sparsity, bandwidth, matmul_dtype, pre)
+
+
+def _sparse(params, x, sparsity, pre, *, bandwidth, slots):
+    batch, width = pre.shape
+    d_in = x.shape[1]
+    theta = jnp.exp(params.log_threshold)
+    chosen = _host("select", jax.ShapeDtypeStruct((batch, slots), jnp.int32), pre, theta - bandwidth,
+                   capacity=slots)
+    valid = chosen >= 0
+    index = jnp.where(valid, chosen, 0)
+    pre_k, theta_k = jnp.take_along_axis(pre, index, axis=1), theta[index]
+    active_k = valid & (pre_k > theta_k)
+    f_k = jnp.where(active_k, pre_k, 0.0)
+
+    rows = jax.ShapeDtypeStruct((batch, d_in), jnp.float32)
+    diff = _host("decode", rows, chosen, f_k, params.W_dec) + params.b_dec - x
+    error = jnp.sum(diff * diff, axis=-1)
+    l0 = jnp.sum(active_k, dtype=jnp.float32) / batch
+    mse = jnp.mean(error)
+    loss = mse + sparsity * l0
+    centred = x - jnp.mean(x, axis=0)
+    fired = jnp.zeros((width,), bool).at[index].max(active_k)
+    outputs = Outputs(loss, mse, l0, fired, jnp.sum(centred**2), jnp.sum(error))
+
+    g_xhat = (2.0 / batch) * diff
+    d_f_k = _host("row_dots", jax.ShapeDtypeStruct((batch, slots), jnp.float32), chosen, g_xhat, params.W_dec)
+    d_pre_k = jnp.where(active_k, d_f_k, 0.0)
+    band_k = valid * rectangle((pre_k - theta_k) / bandwidth)
+    d_theta = -(1.0 / bandwidth) * jnp.zeros((width,), jnp.float32).at[index].add(
+        band_k * (theta_k * d_f_k + sparsity / batch))
+    d_b_enc = jnp.zeros((width,), jnp.float32).at[index].add(d_pre_k)
+    d_W_dec, d_W_enc = _host("weight_grads", (jax.ShapeDtypeStruct((width, d_in), jnp.float32),
+                                              jax.ShapeDtypeStruct((d_in, width), jnp.float32)),
+                             chosen, f_k, d_pre_k, g_xhat, x, width=width)
+    grads = JumpReLUParams(
+        W_enc=d_W_enc - jnp.outer(params.b_dec, d_b_enc),  # (x - b_dec)^T @ d_pre
+        b_enc=d_b_enc,
+        W_dec=d_W_dec,
+        b_dec=jnp.sum(g_xhat, axis=0) - params.W_enc @ d_b_enc,
+        log_threshold=d_theta * theta,
+    )
+    return loss, outputs, grads
