@@ -16,6 +16,7 @@ a GPU, TPU or a sharded mesh every step is dense.
 
 from __future__ import annotations
 
+import threading
 from functools import partial
 
 import jax
@@ -43,13 +44,20 @@ def capacity(width: int, config: TrainConfig) -> int:
     return max(1, int(width * config.sparse_max_density))
 
 
+# XLA may run the callbacks of a group's SAEs on two threads at once; numba's default
+# threading layer aborts the process on concurrent parallel launches, so they take turns
+# (each one already uses every core).
+_KERNEL_LOCK = threading.Lock()
+
+
 def _host(kernel_name: str, result, *args, **static):
     """Run a `sparse_kernels` kernel on host views of `args`; `result` its ShapeDtypeStruct(s)."""
 
     def call(*arrays):
         from gemmascope.train import sparse_kernels
 
-        return getattr(sparse_kernels, kernel_name)(*map(np.asarray, arrays), *static.values())
+        with _KERNEL_LOCK:
+            return getattr(sparse_kernels, kernel_name)(*map(np.asarray, arrays), *static.values())
 
     return jax.pure_callback(call, result, *args)
 
