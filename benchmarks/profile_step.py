@@ -9,13 +9,11 @@ import json
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gemmascope.bench.train_step import _time, step_seconds
 from gemmascope.config import TrainConfig
-from gemmascope.train.group import Group, build_optimizer, init_state
+from gemmascope.train.group import Group, apply_gradients, build_optimizer, init_state
 from gemmascope.train.jumprelu import fused_loss_fn
-from gemmascope.train.optim import remove_parallel_component, unit_rows
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--d-in", type=int, default=2304)
@@ -37,14 +35,7 @@ grads = grad(params)
 optimizer = build_optimizer(config)
 
 
-def update(state_params, opt_state, grads):
-    grads = (grads[0]._replace(W_dec=remove_parallel_component(grads[0].W_dec, state_params[0].W_dec)),)
-    updates, opt_state = optimizer.update(grads, opt_state, state_params)
-    new = optax.apply_updates(state_params, updates)
-    return tuple(p._replace(W_dec=unit_rows(p.W_dec)) for p in new), opt_state
-
-
-update = jax.jit(update)
+update = jax.jit(lambda params, opt_state, grads: apply_gradients(optimizer, params, opt_state, grads))
 result = {
     "width": args.width, "matmul_dtype": args.matmul_dtype,
     "step_s": step_seconds(args.d_in, args.width, args.batch, 1, "float32", args.steps, args.matmul_dtype),

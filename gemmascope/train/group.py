@@ -85,6 +85,17 @@ def initial_state(group: Group, config: TrainConfig, shardings) -> TrainState:
     return init(jax.random.key(config.seed))
 
 
+def apply_gradients(optimizer: optax.GradientTransformation, params: tuple[JumpReLUParams, ...], opt_state,
+                    grads: tuple[JumpReLUParams, ...]) -> tuple[tuple[JumpReLUParams, ...], Any]:
+    """One optimiser step under the decoder-norm constraint: the decoder gradient loses its
+    component along each row, and the rows are renormalised after the update."""
+    grads = tuple(g._replace(W_dec=remove_parallel_component(g.W_dec, p.W_dec))
+                  for g, p in zip(grads, params, strict=True))
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return tuple(p._replace(W_dec=unit_rows(p.W_dec)) for p in params), opt_state
+
+
 def make_train_step(group: Group, config: TrainConfig, scale: float, *, use_sparse: bool = False):
     """(state, raw batch [B, d_in]) -> (new state, metrics); pure, for `jax.jit`.
 
@@ -109,11 +120,7 @@ def make_train_step(group: Group, config: TrainConfig, scale: float, *, use_spar
                    for p, (width, sparsity) in zip(state.params, group.saes, strict=True)]
         outputs = tuple(out for _, out, _ in results)
         grads = tuple(grad for _, _, grad in results)
-        grads = tuple(g._replace(W_dec=remove_parallel_component(g.W_dec, p.W_dec))
-                      for g, p in zip(grads, state.params, strict=True))
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        params = tuple(p._replace(W_dec=unit_rows(p.W_dec)) for p in params)
+        params, opt_state = apply_gradients(optimizer, state.params, state.opt_state, grads)
         since_fired = tuple(jnp.where(out.fired, 0, count + 1)
                             for out, count in zip(outputs, state.since_fired, strict=True))
         metrics = {
