@@ -82,7 +82,9 @@ def test_value_and_gradients_equal_the_dense_definition(slots, branch):
     band = np.abs(np.asarray(encode_pre(params, x)) - theta) < BANDWIDTH / 2
     assert band.sum() > 20  # the threshold gradients have band terms to get right
 
-    loss, outputs, grads = jax.jit(lambda p: sparse.value_and_grad(p, x, 3e-3, BANDWIDTH, "float32", slots))(params)
+    loss, outputs, grads, took = jax.jit(
+        lambda p: sparse.value_and_grad(p, x, 3e-3, BANDWIDTH, "float32", slots))(params)
+    assert bool(took) == (branch == "sparse")
     (ref_loss, ref_outputs), ref_grads = jax.value_and_grad(
         lambda p: fused_loss_fn(p, x, 3e-3, BANDWIDTH), has_aux=True)(params)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
@@ -112,6 +114,7 @@ def test_training_steps_equal_the_dense_steps():
         dense_state, dense_metrics = dense_step(dense_state, x)
         sparse_state, sparse_metrics = sparse_step(sparse_state, x)
     np.testing.assert_allclose(sparse_metrics["l0"], dense_metrics["l0"])
+    assert sparse_metrics["sparse_step"].all() and not dense_metrics["sparse_step"].any()
     for dense_p, sparse_p in zip(dense_state.params, sparse_state.params, strict=True):
         for field in dense_p._fields:
             np.testing.assert_allclose(getattr(sparse_p, field), getattr(dense_p, field), rtol=1e-4, atol=1e-6,

@@ -27,13 +27,18 @@ def test_recovers_a_known_sparse_dictionary(tmp_path):
     """64 unit-norm atoms, 3 active per row: >= 85% of atoms matched by a decoder row with cos > 0.9."""
     rows, atoms = sparse_dictionary_data(65536, 32, 64, 3, seed=0)
     write_store(str(tmp_path), {("res", 0): rows})
-    config = small_config(tmp_path, widths=(128,), sparsity=(0.03,), steps=3000, sparsity_warmup_steps=750)
+    config = small_config(tmp_path, widths=(128,), sparsity=(0.03,), steps=3000, sparsity_warmup_steps=750,
+                          log_every=250, sparse_max_density=0.1)
     train_job(config, "res-L0-w128", progress=False)
     W_dec = load_params(tmp_path, "w128-s0.03", "res-L0-w128")["W_dec"]
     cosine = atoms @ (W_dec / np.linalg.norm(W_dec, axis=1, keepdims=True)).T
     recovered = (cosine.max(axis=1) > 0.9).mean()
     assert recovered >= 0.85, recovered
-    final = [json.loads(line) for line in (tmp_path / "train" / "res-L0-w128" / "metrics.jsonl").read_text().splitlines()][-1]
+    records = [json.loads(line) for line in
+               (tmp_path / "train" / "res-L0-w128" / "metrics.jsonl").read_text().splitlines()]
+    final = records[-1]
+    # Dense while the SAE is still dense, sparse once L0 fell: the last steps ran the sparse path.
+    assert not records[0]["sparse_step"] and final["sparse_step"], records
     assert 2.0 <= final["l0"] <= 4.0, final  # true L0 is 3
     assert final["fvu"] < 0.15, final
 

@@ -118,8 +118,8 @@ def make_train_step(group: Group, config: TrainConfig, scale: float, *, use_spar
         results = [sparse.value_and_grad(p, x, sparsity * lam, config.bandwidth, config.matmul_dtype,
                                          sparse.capacity(width, config) if use_sparse else None)
                    for p, (width, sparsity) in zip(state.params, group.saes, strict=True)]
-        outputs = tuple(out for _, out, _ in results)
-        grads = tuple(grad for _, _, grad in results)
+        outputs = tuple(out for _, out, _, _ in results)
+        grads = tuple(grad for _, _, grad, _ in results)
         params, opt_state = apply_gradients(optimizer, state.params, state.opt_state, grads)
         since_fired = tuple(jnp.where(out.fired, 0, count + 1)
                             for out, count in zip(outputs, state.since_fired, strict=True))
@@ -131,6 +131,7 @@ def make_train_step(group: Group, config: TrainConfig, scale: float, *, use_spar
             "dead_fraction": jnp.stack([jnp.mean(count >= dead_after) for count in since_fired]),
             "lr": lr(state.step),
             "sparsity_factor": lam,
+            "sparse_step": jnp.stack([took for _, _, _, took in results]),
         }
         return TrainState(params, opt_state, state.step + 1, since_fired), metrics
 

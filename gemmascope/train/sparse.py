@@ -69,14 +69,16 @@ def pair_count(params: JumpReLUParams, pre: jax.Array, bandwidth: float) -> jax.
 
 
 def value_and_grad(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, bandwidth: float,
-                   matmul_dtype: str, slots: int | None) -> tuple[jax.Array, Outputs, JumpReLUParams]:
-    """(loss, diagnostics, gradients) of one SAE on normalised x; sparse when the pairs fit `slots`."""
+                   matmul_dtype: str, slots: int | None
+                   ) -> tuple[jax.Array, Outputs, JumpReLUParams, jax.Array]:
+    """(loss, diagnostics, gradients, whether the sparse path ran) of one SAE on normalised x."""
     pre = encode_pre_matmul(params, x, matmul_dtype)
     dense = partial(_dense, bandwidth=bandwidth, matmul_dtype=matmul_dtype)
     if slots is None:
-        return dense(params, x, sparsity, pre)
+        return *dense(params, x, sparsity, pre), jnp.zeros((), bool)
     sparse = partial(_sparse, bandwidth=bandwidth, slots=slots)
-    return jax.lax.cond(pair_count(params, pre, bandwidth) <= slots, sparse, dense, params, x, sparsity, pre)
+    fits = pair_count(params, pre, bandwidth) <= slots
+    return *jax.lax.cond(fits, sparse, dense, params, x, sparsity, pre), fits
 
 
 def _dense(params, x, sparsity, pre, *, bandwidth, matmul_dtype):

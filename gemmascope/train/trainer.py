@@ -105,6 +105,7 @@ def _records(group: Group, metrics: dict, step: int, tokens_per_s: float, batch:
         "loss": float(metrics["loss"][i]), "dead_fraction": float(metrics["dead_fraction"][i]),
         "lambda": sparsity * float(metrics["sparsity_factor"]), "lr": float(metrics["lr"]),
         "tokens": step * batch, "tokens_per_s": tokens_per_s, "nonfinite_rows_skipped": skipped,
+        "sparse_step": bool(metrics["sparse_step"][i]),
     } for i, (width, sparsity) in enumerate(group.saes)]
 
 
