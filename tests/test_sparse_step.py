@@ -34,9 +34,10 @@ def _dense_from_slots(slots, values, width):
     return dense
 
 
-def test_kernels_against_numpy():
+@pytest.mark.parametrize("batch", [40, 2 * sparse_kernels.CHUNK + 37])  # one chunk, and several
+def test_kernels_against_numpy(batch):
     rng = np.random.default_rng(0)
-    batch, width, d, capacity = 40, 200, 12, 16
+    width, d, capacity = 200, 12, 16
     slots = _padded_slots(rng, batch, width, capacity, rng.integers(0, capacity + 1, batch))
     values = rng.standard_normal((batch, capacity)).astype(np.float32) * (slots >= 0)
     grads = rng.standard_normal((batch, capacity)).astype(np.float32) * (slots >= 0)
