@@ -212,8 +212,8 @@ def _fused_bwd(bandwidth, matmul_dtype, residuals, cotangents):
 fused_loss_fn.defvjp(_fused_fwd, _fused_bwd)
 
 
-def dense_value_and_grad(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, bandwidth: float,
-                         matmul_dtype: str, pre: jax.Array) -> tuple[jax.Array, Outputs, JumpReLUParams]:
+def dense_value_and_grad(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, pre: jax.Array, *,
+                         bandwidth: float, matmul_dtype: str) -> tuple[jax.Array, Outputs, JumpReLUParams]:
     """(loss, diagnostics, gradients) of `fused_loss_fn` given the pre-activations already
     computed, so a caller that measured them (to choose the sparse path) pays no second
     encoder matmul."""

@@ -73,16 +73,12 @@ def value_and_grad(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, ba
                    ) -> tuple[jax.Array, Outputs, JumpReLUParams, jax.Array]:
     """(loss, diagnostics, gradients, whether the sparse path ran) of one SAE on normalised x."""
     pre = encode_pre_matmul(params, x, matmul_dtype)
-    dense = partial(_dense, bandwidth=bandwidth, matmul_dtype=matmul_dtype)
+    dense = partial(dense_value_and_grad, bandwidth=bandwidth, matmul_dtype=matmul_dtype)
     if slots is None:
         return *dense(params, x, sparsity, pre), jnp.zeros((), bool)
     sparse = partial(_sparse, bandwidth=bandwidth, slots=slots)
     fits = pair_count(params, pre, bandwidth) <= slots
     return *jax.lax.cond(fits, sparse, dense, params, x, sparsity, pre), fits
-
-
-def _dense(params, x, sparsity, pre, *, bandwidth, matmul_dtype):
-    return dense_value_and_grad(params, x, sparsity, bandwidth, matmul_dtype, pre)
 
 
 def _sparse(params, x, sparsity, pre, *, bandwidth, slots):
