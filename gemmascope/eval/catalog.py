@@ -32,11 +32,6 @@ class RunSAE:
     directory: str  # holds params.npz and, once evaluated, metrics.json
     source: str | None = None  # where an imported SAE came from
 
-    @property
-    def label(self) -> str:
-        """How pages and logs name it beside its (site, layer, width)."""
-        return f"lambda {self.sparsity:g}" if self.sparsity is not None else f"imported {self.name}"
-
 
 def imported_root(config: Config) -> str:
     return storage.join(storage.normalize(config.run_dir), IMPORTED)
