@@ -11,6 +11,8 @@ import os
 
 import ray
 
+from gemmascope import faults
+
 # Variables that point clients at emulators, caches and credentials; workers need the
 # driver's values even when they run on a cluster started elsewhere.
 FORWARDED_ENV = (
@@ -21,6 +23,7 @@ FORWARDED_ENV = (
     "GEMMASCOPE_CACHE",
     "HF_TOKEN",
     "HF_HUB_OFFLINE",
+    *faults.VARIABLES,
 )
 
 

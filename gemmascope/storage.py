@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import fsspec
 
 from gemmascope.errors import UserError
+from gemmascope.faults import crash_point
 
 T = TypeVar("T")
 log = logging.getLogger("gemmascope.storage")
@@ -143,6 +144,7 @@ def _publish_local(url: str, write: Callable[[Any], None]) -> None:
         with open(staging, "wb") as handle:
             write(handle)
             handle.flush()
+            crash_point(f"storage.publish {os.path.basename(path)}")  # written, not yet visible
             os.fsync(handle.fileno())
         os.replace(staging, path)  # atomic within one filesystem, hence the staging directory
     except OSError as err:
