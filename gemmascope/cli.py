@@ -7,6 +7,7 @@ for real bugs.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -15,6 +16,38 @@ from pathlib import Path
 from gemmascope.errors import UserError
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# Failures of the machine, not of the code: a full disk, a file-size or disk quota, a
+# read-only or forbidden location, a path through a file. They get one line naming the
+# file, like bad input; any other OSError is a bug and keeps its traceback.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                      errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse reporting a bad command line in one line (usage stays behind --help)."""
+
+    def error(self, message: str) -> None:
+        fail(f"{message} (see `{self.prog} --help`)")
+
+
+def fail(message: str, status: int = 2) -> None:
+    """Print `message` as the one line `gemmascope: error: ...` and exit with `status`."""
+    print(f"gemmascope: error: {one_line(message)}", file=sys.stderr)
+    sys.exit(status)
+
+
+def one_line(message: str) -> str:
+    """Newlines inside a message (a path or key that contains one) would split the error."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def environment_error(err: OSError) -> str | None:
+    """The one-line message of a machine failure (see ENVIRONMENT_ERRNOS), else None."""
+    if err.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    where = err.filename if err.filename is not None else "a file"
+    return f"{where}: cannot write or read ({err.strerror}); earlier results are kept, rerun once fixed"
 
 
 def _harvest(args: argparse.Namespace) -> None:
@@ -90,6 +123,16 @@ def _import(args: argparse.Namespace) -> None:
                      name=args.name))
 
 
+def _verify(args: argparse.Namespace) -> None:
+    from gemmascope.config import load_config
+    from gemmascope.store import ActivationStore
+
+    config = load_config(args.config, args.overrides)
+    store = ActivationStore.open(config.run_dir)
+    checked = store.verify(progress=not args.no_progress)
+    print(f"{store.url}: {checked} (unit, array) checksums match the ledger")
+
+
 def _report(args: argparse.Namespace) -> None:
     from gemmascope.config import load_config
     from gemmascope.report.pages import run_report
@@ -109,7 +152,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemmascope", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="gemmascope", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     def config_command(name: str, help_text: str, run) -> argparse.ArgumentParser:
@@ -141,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--site", default=None, help="site it reads, when its path does not say (res, mlp, att)")
     imports.add_argument("--layer", type=int, default=None, help="layer it reads, when its path does not say")
     imports.add_argument("--name", default=None, help="name under RUN/imported (default: stream + content hash)")
+    config_command("verify", "re-read the activation store and check every unit against its ledger checksum",
+                   _verify)
     config_command("report", "the static HTML report: frontiers, densities, feature pages", _report)
     status = config_command("status", "each job's state, attempts, last metrics and checkpoint", _status)
     status.add_argument("--json", action="store_true", help="print one JSON object")
@@ -173,8 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except UserError as err:
-        print(f"gemmascope: error: {err}", file=sys.stderr)
+        print(f"gemmascope: error: {one_line(str(err))}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
+    except OSError as err:
+        message = environment_error(err)
+        if message is None:
+            raise
+        print(f"gemmascope: error: {one_line(message)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("gemmascope: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130

@@ -38,6 +38,7 @@ def snapshot(run_dir: str) -> dict:
         "arrays": arrays,
         "tokens": store.token_table().to_pydict(),
         "units": sorted(u for u in store.ledger.committed_units),
+        "checksums": {u: info.get("crc32c") for u, info in store.ledger.committed_units.items()},
         "layout": store.ledger.data["layout"],
         "complete": store.complete,
     }

@@ -104,6 +104,7 @@ def test_tiny_gemma2_store_contents(ray_address, tmp_path):
     assert store.d_in[("att", 0)] == 4 * 16 and store.d_in[("res", 3)] == 64
     check_matches_capture(run_dir, threads=1)
     check_no_special_positions(run_dir)
+    assert store.verify() == len(store.ledger.committed_units) * 16  # every unit's crc32c, every array
     blocks = store.blocks()
     assert blocks[0] == (0, 128) and blocks[-1][1] == 6000
     read = store.read_blocks("res", 2, blocks[3:5])

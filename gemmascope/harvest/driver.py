@@ -258,7 +258,7 @@ def _harvest_units(config: Config, ledger: HarvestLedger, layout: Layout, activa
     def done(unit: int, result) -> None:
         nonlocal rows_run
         ledger.commit_unit(unit, {"rows": list(layout.unit_range(unit)), "sequences": result.sequences,
-                                  "seconds": round(result.seconds, 3)})
+                                  "seconds": round(result.seconds, 3), "crc32c": result.checksums})
         ledger.save()
         rows_run += result.rows
         bar.update(result.rows)

@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 
 from gemmascope.config import Config, harvest_keys
+from gemmascope.faults import crash_point
 from gemmascope.harvest.packing import ROLE_TEXT, tokenize_and_pack
 from gemmascope.harvest.sources import SourceShard, read_documents
 from gemmascope.models.capture import ActivationCapture
@@ -36,6 +37,7 @@ class UnitResult:
     rows: int
     sequences: int
     seconds: float
+    checksums: dict[str, int]  # "site/layer_L" -> crc32c of the unit's rows as stored
 
 
 class HarvestWorker:
@@ -116,11 +118,13 @@ class HarvestWorker:
             run(batch)
         for writer in writers.values():
             writer.close()
+        crash_point("harvest.unit_arrays_written")
         table = pa.table({k: np.concatenate(v) if v else np.array([], np.int64) for k, v in token_columns.items()})
         if table.num_rows != stop - start or (table.num_rows and table.column("row")[0].as_py() != start):
             raise RuntimeError(f"unit {unit}: produced {table.num_rows} rows for [{start}, {stop})")
         write_parquet_atomic(paths.tokens_url(self.activations, unit), table)
-        return UnitResult(unit, stop - start, n_sequences, time.perf_counter() - began)
+        checksums = {paths.array_key(*key): writer.crc32c for key, writer in writers.items()}
+        return UnitResult(unit, stop - start, n_sequences, time.perf_counter() - began, checksums)
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:

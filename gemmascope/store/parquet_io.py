@@ -1,4 +1,6 @@
-"""Publishing Parquet tables atomically (token tables, packed sequences)."""
+"""Parquet files of the store (token tables, packed sequences, Parquet activations):
+published atomically, written with page checksums and read with them verified, so a
+damaged file fails with its name instead of feeding wrong rows downstream."""
 
 from __future__ import annotations
 
@@ -8,15 +10,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gemmascope import storage
+from gemmascope.errors import UserError
+
+# Every writer of the store's Parquet files passes these; readers go through `read_parquet`.
+WRITE_OPTIONS = {"write_page_checksum": True}
 
 
 def write_parquet_atomic(url: str, table: pa.Table) -> None:
     buffer = io.BytesIO()
-    pq.write_table(table, buffer)
+    pq.write_table(table, buffer, **WRITE_OPTIONS)
     storage.write_bytes_atomic(url, buffer.getvalue())
 
 
 def read_parquet(url: str) -> pa.Table:
     fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as handle:
-        return pq.read_table(handle)
+    try:
+        with fs.open(path, "rb") as handle:
+            return pq.read_table(handle, page_checksum_verification=True)
+    except (pa.ArrowInvalid, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise UserError(f"{url}: damaged Parquet file ({err})") from None

@@ -20,8 +20,13 @@ def ledger_url(activations: str) -> str:
     return storage.join(activations, "ledger.json")
 
 
+def array_key(site: str, layer: int) -> str:
+    """An array's path under `activations/`, also its key in the ledger's checksums."""
+    return f"{site}/layer_{layer}"
+
+
 def array_url(activations: str, site: str, layer: int) -> str:
-    return storage.join(activations, site, f"layer_{layer}")
+    return storage.join(activations, array_key(site, layer))
 
 
 def parquet_part_url(activations: str, site: str, layer: int, unit: int) -> str:

@@ -11,16 +11,16 @@ from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from gemmascope import storage
 from gemmascope.errors import UserError
 from gemmascope.models.loading import ModelInfo
 from gemmascope.store import paths
-from gemmascope.store.arrays import NUMPY_DTYPES, open_array
+from gemmascope.store.arrays import NUMPY_DTYPES, open_array, read_failure
 from gemmascope.store.layout import Layout
 from gemmascope.store.ledger import HarvestLedger
 from gemmascope.store.parquet_io import read_parquet
+from gemmascope.store.writers import extend_crc32c
 
 Key = tuple[str, int]
 
@@ -100,8 +100,14 @@ class ActivationStore:
         key = (site, layer)
         self._check(key, start, stop)
         if self.format == "zarr3":
-            return self._array(key)[start:stop].read().result()
+            return self._zarr_result(key, start, stop, self._array(key)[start:stop].read())
         return self._read_parquet(key, start, stop)
+
+    def _zarr_result(self, key: Key, start: int, stop: int, future) -> np.ndarray:
+        try:
+            return future.result()
+        except ValueError as err:  # TensorStore's DATA_LOSS and I/O failures
+            raise read_failure(paths.array_url(self.url, *key), start, stop, err) from None
 
     def _read_parquet(self, key: Key, start: int, stop: int) -> np.ndarray:
         layout = self.layout
@@ -111,12 +117,32 @@ class ActivationStore:
             unit_start, unit_stop = layout.unit_range(unit)
             lo, hi = max(start, unit_start), min(stop, unit_stop)
             url = paths.parquet_part_url(self.url, key[0], key[1], unit)
-            fs, path = storage.filesystem(url)
-            with fs.open(path, "rb") as handle:
-                table = pq.read_table(handle).slice(lo - unit_start, hi - lo)
+            table = read_parquet(url).slice(lo - unit_start, hi - lo)
             values = table.column("activation").combine_chunks().values.to_numpy(zero_copy_only=False)
             out[lo - start:hi - start] = values.astype(bits, copy=False).view(self.dtype).reshape(hi - lo, -1)
         return out
+
+    def verify(self, progress: bool = False) -> int:
+        """Re-read every committed row and check it against the crc32c the ledger recorded
+        when its unit was written; the number of (unit, array) pairs checked. A mismatch
+        is a `UserError` naming the array and the rows."""
+        from tqdm import tqdm
+
+        checked = 0
+        units = self.ledger.committed_units
+        layout = self.layout
+        with tqdm(total=len(units) * len(self.keys), desc="verify", disable=not progress) as bar:
+            for unit, info in sorted(units.items()):
+                start, stop = layout.unit_range(unit)
+                for key in self.keys:
+                    expected = info.get("crc32c", {}).get(paths.array_key(*key))
+                    if expected is not None:
+                        if extend_crc32c(0, self.read(*key, start, stop)) != expected:
+                            raise UserError(f"{paths.array_url(self.url, *key)}: rows [{start}, {stop}) of unit "
+                                            f"{unit} do not match the checksum in {self.ledger.url}")
+                        checked += 1
+                    bar.update()
+        return checked
 
     def blocks(self, stop_row: int | None = None) -> list[tuple[int, int]]:
         """Committed rows (below `stop_row`, if given) cut into `chunk_rows` blocks, the
@@ -137,7 +163,7 @@ class ActivationStore:
             self._check(key, a, b)
         array = self._array(key)
         futures = [array[a:b].read() for a, b in blocks]
-        return [f.result() for f in futures]
+        return [self._zarr_result(key, a, b, f) for (a, b), f in zip(blocks, futures, strict=True)]
 
     def token_table(self) -> pa.Table:
         """Row -> (sequence, position, token, document) for every committed row, in row order."""

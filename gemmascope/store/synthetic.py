@@ -16,6 +16,7 @@ from gemmascope.store.arrays import create_array, open_array
 from gemmascope.store.layout import Layout, ShardStats
 from gemmascope.store.ledger import FORMAT, HarvestLedger
 from gemmascope.store.parquet_io import write_parquet_atomic
+from gemmascope.store.writers import extend_crc32c
 
 
 def write_store(run_dir: str, arrays: dict[tuple[str, int], np.ndarray], *, dtype: str = "float32",
@@ -33,13 +34,18 @@ def write_store(run_dir: str, arrays: dict[tuple[str, int], np.ndarray], *, dtyp
     model = {"name": "synthetic", "family": "synthetic", "n_layers": max(layer for _, layer in arrays) + 1,
              "d_model": d_in, "n_heads": 1, "head_dim": d_in, "vocab_size": 0}
     layout = Layout((ShardStats(n_sequences=n, n_rows=n, n_documents=1, n_tokens=n),), n, unit_rows)
+    stored = {}
     for (site, layer), values in arrays.items():
         url = paths.array_url(activations, site, layer)
         create_array(url, n_rows=n, d_in=values.shape[1], dtype=dtype, shard_rows=shard_rows,
                      chunk_rows=chunk_rows)
-        open_array(url, write=True)[:].write(values.astype(open_array(url).dtype.numpy_dtype)).result()
+        stored[paths.array_key(site, layer)] = values.astype(open_array(url).dtype.numpy_dtype)
+        open_array(url, write=True)[:].write(stored[paths.array_key(site, layer)]).result()
+    units = {}
     for unit in range(layout.n_units):
         start, stop = layout.unit_range(unit)
+        units[str(unit)] = {"rows": [start, stop],
+                            "crc32c": {key: extend_crc32c(0, values[start:stop]) for key, values in stored.items()}}
         rows = np.arange(start, stop, dtype=np.int64)
         table = pa.table({"row": rows, "sequence": rows, "position": np.zeros(len(rows), np.int32),
                           "token": np.zeros(len(rows), np.int32), "document": np.zeros(len(rows), np.int64)})
@@ -52,7 +58,7 @@ def write_store(run_dir: str, arrays: dict[tuple[str, int], np.ndarray], *, dtyp
         "storage": {"format": "zarr3", "dtype": dtype, "unit_rows": unit_rows, "shard_rows": shard_rows,
                     "chunk_rows": chunk_rows, "context_length": 0},
         "shards": {"0": layout.shards[0].__dict__.copy()}, "layout": layout.to_json(),
-        "units": {str(u): {"rows": list(layout.unit_range(u))} for u in range(layout.n_units)},
+        "units": units,
         "complete": True,
     })
     storage.makedirs(activations)

@@ -11,11 +11,20 @@ import os
 import tempfile
 from collections import deque
 
+import google_crc32c
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gemmascope import storage
+from gemmascope.faults import crash_point
+from gemmascope.store.parquet_io import WRITE_OPTIONS
+
+
+def extend_crc32c(crc: int, rows: np.ndarray) -> int:
+    """The running crc32c of a unit's rows as stored (little-endian, row-major): the
+    ledger records it so `ActivationStore.verify` can audit a whole store."""
+    return google_crc32c.extend(crc, np.ascontiguousarray(rows).tobytes())
 
 
 class ZarrRowWriter:
@@ -26,6 +35,7 @@ class ZarrRowWriter:
         self.width = array.shape[1]
         self.max_in_flight = max_in_flight
         self.in_flight: deque = deque()
+        self.crc32c = 0
         self._new_buffer()
 
     def _new_buffer(self) -> None:
@@ -44,7 +54,9 @@ class ZarrRowWriter:
 
     def _flush(self) -> None:
         end = self.position + len(self.buffer)
+        self.crc32c = extend_crc32c(self.crc32c, self.buffer)
         self.in_flight.append(self.array[self.position:end].write(self.buffer))
+        crash_point("harvest.shard_write")  # killed with the write in flight
         self.position = end
         while len(self.in_flight) > self.max_in_flight:
             self.in_flight.popleft().result()
@@ -71,11 +83,13 @@ class ParquetRowWriter:
         self.shard_rows = shard_rows
         handle, self.local = tempfile.mkstemp(suffix=".parquet", prefix=".part-")
         os.close(handle)
-        self.writer = pq.ParquetWriter(self.local, activation_schema(width, dtype))
+        self.writer = pq.ParquetWriter(self.local, activation_schema(width, dtype), **WRITE_OPTIONS)
         self.pending: list[np.ndarray] = []
         self.rows = 0
+        self.crc32c = 0
 
     def append(self, rows: np.ndarray) -> None:
+        self.crc32c = extend_crc32c(self.crc32c, rows)
         self.pending.append(np.ascontiguousarray(rows).view(self.bits))
         self.rows += len(rows)
         if sum(len(p) for p in self.pending) >= self.shard_rows:

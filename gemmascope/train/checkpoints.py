@@ -1,25 +1,56 @@
 """Orbax checkpoints of a training job: state (params, optimiser, step, counters) + loader position.
 
-Orbax writes each step into a temporary directory and renames it when complete, so the
-latest step it lists is always a whole checkpoint; a run killed mid-save resumes from
-the one before. Saves are synchronous: the next step must not race the write.
+Orbax writes each step into a temporary directory and renames it when complete. After
+that rename we write `checksums.json` into the step (the crc32c of every file in it):
+that file is the checkpoint's commit point. A step without it (killed between the two)
+is deleted on open and the job resumes from the step before; a step whose files no
+longer match (a flipped bit, a truncated file) fails the restore with the file's name
+instead of training on damaged state. Saves are synchronous: the next step must not
+race the write.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import google_crc32c
 import jax
 import orbax.checkpoint as ocp
 
 from gemmascope import storage
+from gemmascope.errors import UserError
+from gemmascope.faults import crash_point
+
+MANIFEST = "checksums.json"
+log = logging.getLogger("gemmascope.train")
 
 
 class Checkpoints:
     def __init__(self, url: str, keep: int = 2):
-        directory = storage.normalize(url)
+        self.directory = storage.normalize(url)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(directory, options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        for step in self.manager.all_steps():
+            if not storage.exists(self._manifest_url(step)):
+                log.warning("%s: step %d has no %s (killed while saving); deleting it", self.directory, step,
+                            MANIFEST)
+                self.manager.delete(step)
+
+    def _step_url(self, step: int) -> str:
+        return storage.join(self.directory, str(step))
+
+    def _manifest_url(self, step: int) -> str:
+        return storage.join(self._step_url(step), MANIFEST)
+
+    def _checksums(self, step: int) -> dict[str, int]:
+        """crc32c of every file of the step, by path relative to the step directory."""
+        root = self._step_url(step)
+        fs, path = storage.filesystem(root)
+        files = storage.with_retries(lambda: fs.find(path), what=root)
+        names = [name[len(path.rstrip("/")) + 1:] for name in files]
+        return {name: google_crc32c.value(storage.read_bytes(storage.join(root, name)))
+                for name in names if name != MANIFEST}
 
     @property
     def latest_step(self) -> int | None:
@@ -29,10 +60,24 @@ class Checkpoints:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
+        crash_point("train.checkpoint_saved")  # saved by Orbax, not yet committed by its manifest
+        storage.write_json_atomic(self._manifest_url(step), self._checksums(step))
+
+    def verify(self, step: int) -> None:
+        """Raise a `UserError` naming the first file of `step` that is missing or changed."""
+        recorded = storage.read_json(self._manifest_url(step))
+        found = self._checksums(step)
+        for name, crc in sorted(recorded.items()):
+            if name not in found:
+                raise UserError(f"{storage.join(self._step_url(step), name)}: checkpoint file missing")
+            if found[name] != crc:
+                raise UserError(f"{storage.join(self._step_url(step), name)}: checkpoint file damaged "
+                                f"(crc32c {found[name]:#010x}, recorded {crc:#010x})")
 
     def restore(self, abstract_state: Any) -> tuple[Any, dict]:
-        """The latest checkpoint, placed with the shardings carried by `abstract_state`."""
+        """The latest checkpoint, verified, placed with the shardings carried by `abstract_state`."""
         step = self.latest_step
+        self.verify(step)
         target = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
