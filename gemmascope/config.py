@@ -16,9 +16,21 @@ from typing import Literal
 
 import yaml
 
-from gemmascope.errors import ConfigError, InvalidValue
+from gemmascope import storage
+from gemmascope.errors import ConfigError, InvalidValue, UserError
 from gemmascope.models.sites import SINGLE_LAYER_SITES, SITES, exists_at
-from gemmascope.typed_yaml import apply_override, from_mapping, to_mapping
+from gemmascope.typed_yaml import apply_override, from_mapping, show, to_mapping
+
+
+def _check_url(key: str, url: str) -> None:
+    """Reject a URL scheme no stage can read or write (s3://, http://) while loading, before
+    any stage starts; the storage layer would only notice at its first access."""
+    if "\x00" in url:
+        raise InvalidValue(key, url, "contains a NUL character, which no file name can")
+    try:
+        storage.scheme(url)
+    except UserError:
+        raise InvalidValue(key, url, "unsupported URL scheme (use a path, file://, gs:// or memory://)") from None
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.source.strip():
             raise InvalidValue("source", self.source, "empty model source")
+        _check_url("source", self.source)
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,8 @@ class SourceConfig:
             raise InvalidValue(
                 "paths", list(self.paths), "give exactly one of source.paths and source.builtin"
             )
+        for i, path in enumerate(self.paths):
+            _check_url(f"paths[{i}]", path)
         if self.pieces_per_shard < 1:
             raise InvalidValue("pieces_per_shard", self.pieces_per_shard, "must be >= 1")
 
@@ -174,6 +189,8 @@ class SAEGridEntry:
                 raise InvalidValue(f"sparsity[{i}]", value, "must be >= 0")
         if self.tokens is not None and self.tokens < 1:
             raise InvalidValue("tokens", self.tokens, "must be >= 1")
+        if self.init_from is not None:
+            _check_url("init_from", self.init_from)
 
 
 @dataclass(frozen=True)
@@ -287,6 +304,9 @@ class TrainConfig:
             raise InvalidValue("mesh_data", self.mesh_data, "must be >= 1")
         if not 0 <= self.sparse_max_density <= 1:
             raise InvalidValue("sparse_max_density", self.sparse_max_density, "must be in [0, 1]")
+        if not 0 <= self.seed < 2**32:
+            # JAX keys hold 32 bits: larger seeds would silently share a stream.
+            raise InvalidValue("seed", self.seed, "must be in [0, 2**32)")
         if self.shuffle_rows < self.batch_size:
             raise InvalidValue("shuffle_rows", self.shuffle_rows, f"must be >= batch_size ({self.batch_size})")
 
@@ -352,6 +372,9 @@ class Config:
     def __post_init__(self) -> None:
         if not self.saes:
             raise InvalidValue("saes", [], "the SAE grid is empty")
+        if not self.run_dir.strip():
+            raise InvalidValue("run_dir", self.run_dir, "empty run directory")
+        _check_url("run_dir", self.run_dir)
 
     def harvest_identity(self) -> dict:
         """Everything that decides the harvested rows (not how many workers compute them)."""
@@ -368,6 +391,16 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def check_against_model(config: Config, name: str, n_layers: int) -> None:
+    """The checks that need the model's depth: every harvested layer must exist in it."""
+    if config.harvest.layers == "all":
+        return
+    for i, layer in enumerate(config.harvest.layers):
+        if layer >= n_layers:
+            raise ConfigError(f"{config.origin}: harvest.layers[{i}]={layer}: layer out of range "
+                              f"({name} has {n_layers} layers, 0..{n_layers - 1})")
+
+
 def harvest_keys(harvest: HarvestConfig, n_layers: int) -> list[tuple[str, int]]:
     """The (site, layer) arrays a harvest writes, in layer order."""
     layers = range(n_layers) if harvest.layers == "all" else harvest.layers
@@ -375,30 +408,45 @@ def harvest_keys(harvest: HarvestConfig, n_layers: int) -> list[tuple[str, int]]
 
 
 def _parse_override(text: str, source: str) -> tuple[str, object]:
+    """`key=value` with the value read as YAML; text that is not YAML stays a string."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
-        raise ConfigError(f"{source}: override {text!r}: expected key=value")
+        raise ConfigError(f"{source}: override {show(text)}: expected key=value")
     try:
         return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         return key.strip(), raw
+    except RecursionError:
+        raise ConfigError(f"{source}: override {show(text)}: value nested too deeply") from None
+
+
+def _read_text(path: str | Path, source: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{source}: not a text file (byte {err.start} is not UTF-8)") from None
+    except OSError as err:
+        raise ConfigError(f"{source}: cannot read config file ({err.strerror})") from None
+
+
+def _parse_yaml(text: str, source: str) -> object:
+    """`yaml.safe_load` (no code runs), with its failures as one-line errors naming the file."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML{where}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{source}: YAML nested too deeply") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply `key=value` overrides, and validate everything."""
     source = str(path)
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: config file not found") from None
-    except OSError as err:
-        raise ConfigError(f"{source}: cannot read config file ({err.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{source}: not valid YAML{where}") from None
+    data = _parse_yaml(_read_text(path, source), source)
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
@@ -406,5 +454,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         key, value = _parse_override(item, source)
         apply_override(data, key, value, source=source)
     data["origin"] = source
-    return from_mapping(Config, data, source=source)
+    config = from_mapping(Config, data, source=source)
+    _check_run_dir(config)
+    return config
+
+
+def _check_run_dir(config: Config) -> None:
+    """A local run_dir that is a file would fail deep inside a stage, after work has started."""
+    if storage.scheme(config.run_dir) == "file" and Path(storage.normalize(config.run_dir)).is_file():
+        raise ConfigError(f"{config.origin}: run_dir={show(config.run_dir)}: is a file, not a directory")
 

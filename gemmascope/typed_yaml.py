@@ -8,7 +8,9 @@ stops the run before any work starts, with the file, the dotted key and the valu
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import reprlib
 import types
 import typing
 from typing import Any, Literal, Union
@@ -16,6 +18,28 @@ from typing import Any, Literal, Union
 from gemmascope.errors import ConfigError, InvalidValue
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# Stages hand config ints to NumPy, TensorStore and JAX, which hold them in 64 bits.
+INT_LIMIT = 2**63
+
+_short = reprlib.Repr()
+_short.maxlevel, _short.maxlist, _short.maxdict = 3, 8, 6
+_short.maxstring, _short.maxother, _short.maxlong = 60, 60, 40
+
+
+def show(value: Any) -> str:
+    """A value as an error message quotes it: its repr, shortened, so the message stays one short line."""
+    return _short.repr(value)
+
+
+def show_key(key: str) -> str:
+    """A key as an error message names it: quoted when it is not a plain name (a newline, a space)."""
+    return ".".join(part if _NAME.fullmatch(part) else repr(part) for part in key.split("."))
+
+
+class _OutOfRange(ConfigError):
+    """The value has the right type but no stage can use it (NaN, beyond 64 bits): reported
+    as it is rather than as a type mismatch with every arm of a union."""
 
 
 def _describe(hint: Any) -> str:
@@ -43,6 +67,8 @@ def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
         for arm in typing.get_args(hint):
             try:
                 return _convert(arm, value, key, source)
+            except _OutOfRange:
+                raise
             except ConfigError:
                 continue
         raise _type_error(source, key, value, hint)
@@ -60,14 +86,11 @@ def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
             raise _type_error(source, key, value, hint)
         return from_mapping(hint, value, source=source, prefix=f"{key}.")
     if hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads exponents without a sign or a dot (4.95e14, 1e9) as strings.
-        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
-            return float(value)
-        raise _type_error(source, key, value, hint)
+        return _to_float(value, key, source)
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -INT_LIMIT <= value < INT_LIMIT:
+                raise _OutOfRange(f"{source}: {key}={show(value)}: out of range (beyond 64 bits)")
             return value
         raise _type_error(source, key, value, hint)
     if hint in (str, bool):
@@ -77,8 +100,26 @@ def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
     raise TypeError(f"unsupported config type {hint!r} for {key}")
 
 
+def _to_float(value: Any, key: str, source: str) -> float:
+    """A finite float: no value of a config means NaN or infinity, and comparisons with NaN
+    are always false, so range checks would let it through."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int past the largest float
+            number = math.inf
+    # YAML 1.1 reads exponents without a sign or a dot (4.95e14, 1e9) as strings.
+    elif isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        number = float(value)
+    else:
+        raise _type_error(source, key, value, float)
+    if not math.isfinite(number):
+        raise _OutOfRange(f"{source}: {key}={show(value)}: must be a finite number")
+    return number
+
+
 def _type_error(source: str, key: str, value: Any, hint: Any) -> ConfigError:
-    return ConfigError(f"{source}: {key}={value!r}: expected {_describe(hint)}")
+    return ConfigError(f"{source}: {key}={show(value)}: expected {_describe(hint)}")
 
 
 def from_mapping(cls: type, data: dict, *, source: str, prefix: str = "") -> Any:
@@ -87,12 +128,12 @@ def from_mapping(cls: type, data: dict, *, source: str, prefix: str = "") -> Any
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if not isinstance(key, str):
-            raise ConfigError(f"{source}: {prefix}{key!r}: keys must be names, not {type(key).__name__}")
+            raise ConfigError(f"{source}: {prefix}{show(key)}: keys must be names, not {type(key).__name__}")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = unknown[0]
         raise ConfigError(
-            f"{source}: {prefix}{key}={data[key]!r}: unknown key (known: {', '.join(sorted(fields))})"
+            f"{source}: {prefix}{show_key(key)}={show(data[key])}: unknown key (known: {', '.join(sorted(fields))})"
         )
     kwargs = {
         name: _convert(hints[name], value, f"{prefix}{name}", source)
@@ -101,7 +142,7 @@ def from_mapping(cls: type, data: dict, *, source: str, prefix: str = "") -> Any
     try:
         return cls(**kwargs)
     except InvalidValue as err:
-        raise ConfigError(f"{source}: {prefix}{err.key}={err.value!r}: {err.reason}") from None
+        raise ConfigError(f"{source}: {prefix}{err.key}={show(err.value)}: {err.reason}") from None
     except TypeError as err:  # a required field is missing
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: {err}") from None
 
@@ -117,6 +158,8 @@ def to_mapping(obj: Any) -> Any:
 
 def apply_override(data: dict, dotted_key: str, value: Any, *, source: str) -> None:
     """Set `a.b.c` in nested dicts, creating intermediate mappings as needed."""
+    if not all(dotted_key.split(".")):
+        raise ConfigError(f"{source}: override {show(dotted_key)}: a part of the dotted key is empty")
     *parents, leaf = dotted_key.split(".")
     node = data
     for depth, part in enumerate(parents):
@@ -125,6 +168,6 @@ def apply_override(data: dict, dotted_key: str, value: Any, *, source: str) -> N
             child = node[part] = {}
         if not isinstance(child, dict):
             where = ".".join(parents[: depth + 1])
-            raise ConfigError(f"{source}: {dotted_key}={value!r}: {where} is not a mapping")
+            raise ConfigError(f"{source}: {show_key(dotted_key)}={show(value)}: {show_key(where)} is not a mapping")
         node = child
     node[leaf] = value

@@ -16,6 +16,30 @@ def report(result: dict, as_json: bool) -> None:
         print(f"{key:>{width}}: {value}")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of sizes and counts: 0 or less would fail deep inside JAX, not as a usage error."""
+    value = int(text)  # a ValueError becomes argparse's "invalid positive_int value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type of rates: finite and above 0."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type of shares of a width: in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
+    return value
+
+
 def add_benchmarks(commands: argparse._SubParsersAction) -> None:
     from gemmascope.bench import harvest, loader, summary, train_step
 

@@ -15,16 +15,18 @@ import time
 
 import numpy as np
 
+from gemmascope.bench import positive_int
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("harvest", help="harvest tokens/s against the bare forward pass")
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--sites", default="res,mlp,att")
-    parser.add_argument("--tokens", type=int, default=16384, help="stored rows per array")
-    parser.add_argument("--context-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tokens", type=positive_int, default=16384, help="stored rows per array")
+    parser.add_argument("--context-length", type=positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--store-dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--out", default=None, help="store directory (default: a temp dir on local disk)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)

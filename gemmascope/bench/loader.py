@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+from gemmascope.bench import positive_int
 from gemmascope.bench.train_step import _time
 from gemmascope.config import TrainConfig
 from gemmascope.store import ActivationStore
@@ -28,14 +29,14 @@ from gemmascope.train.mesh import batch_sharding, make_mesh
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("loader", help="training from the store against training from memory; RSS")
-    parser.add_argument("--d-in", type=int, default=640)
-    parser.add_argument("--width", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--rows", type=int, default=262_144, help="rows in the synthetic store")
-    parser.add_argument("--shuffle-rows", type=int, default=65_536)
+    parser.add_argument("--d-in", type=positive_int, default=640)
+    parser.add_argument("--width", type=positive_int, default=4096)
+    parser.add_argument("--batch", type=positive_int, default=1024)
+    parser.add_argument("--rows", type=positive_int, default=262_144, help="rows in the synthetic store")
+    parser.add_argument("--shuffle-rows", type=positive_int, default=65_536)
     parser.add_argument("--store-dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--steps", type=int, default=20, help="steps per timed repetition")
-    parser.add_argument("--long-steps", type=int, default=400, help="steps of the memory run")
+    parser.add_argument("--steps", type=positive_int, default=20, help="steps per timed repetition")
+    parser.add_argument("--long-steps", type=positive_int, default=400, help="steps of the memory run")
     parser.add_argument("--out", default=None, help="store directory (default: a temp dir on local disk)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemmascope.bench import fraction, positive_float, positive_int
 from gemmascope.config import TrainConfig
 from gemmascope.train.group import Group, initial_state, make_train_step, sharded_layout
 from gemmascope.train.mesh import batch_sharding, make_mesh
@@ -31,19 +32,19 @@ from gemmascope.train.mesh import batch_sharding, make_mesh
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("train-step", help="SAE training steps/s and FLOP/s against matmul FLOP/s")
-    parser.add_argument("--d-in", type=int, default=640)
-    parser.add_argument("--width", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--group", type=int, default=1, help="SAEs trained together on each batch")
+    parser.add_argument("--d-in", type=positive_int, default=640)
+    parser.add_argument("--width", type=positive_int, default=4096)
+    parser.add_argument("--batch", type=positive_int, default=1024)
+    parser.add_argument("--group", type=positive_int, default=1, help="SAEs trained together on each batch")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype of the activations fed to the step (the store's dtype)")
     parser.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="operand dtype of the step's matmuls (train.matmul_dtype)")
-    parser.add_argument("--peak-flops", type=float, default=None,
+    parser.add_argument("--peak-flops", type=positive_float, default=None,
                         help="the device's peak FLOP/s for MFU (default: known bf16 peaks of H100/H200/A100)")
-    parser.add_argument("--l0-fraction", type=float, default=None,
+    parser.add_argument("--l0-fraction", type=fraction, default=None,
                         help="set thresholds for this L0 / width and time the sparse step beside the dense one")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
 

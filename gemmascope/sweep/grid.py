@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import groupby
 
-from gemmascope.config import Config
+from gemmascope.config import Config, check_against_model
 from gemmascope.errors import ConfigError, UserError
 from gemmascope.models.loading import ModelInfo
 from gemmascope.models.sites import exists_at
@@ -198,6 +198,7 @@ def plan_jobs(config: Config, info: ModelInfo) -> list[Job]:
 
 def check_harvested(config: Config, info: ModelInfo, saes: list[SAESpec]) -> None:
     """Every SAE's input and target must be among the harvested (site, layer) arrays."""
+    check_against_model(config, info.name, info.n_layers)
     harvest = config.harvest
     layers = range(info.n_layers) if harvest.layers == "all" else harvest.layers
     for spec in saes:
