@@ -1,27 +1,20 @@
 """The `gemmascope` command line: thin entry points over the pipeline's stages.
 
-Every command exits 2 with one line on bad input (a `UserError`) and keeps tracebacks
-for real bugs.
+Every command exits 2 with one line on bad input (a `UserError`) or when the machine
+refuses a write (a full disk, a file-size limit), and keeps tracebacks for real bugs.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import sys
 from pathlib import Path
 
-from gemmascope.errors import UserError
+from gemmascope.errors import UserError, environment_failure
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-# Failures of the machine, not of the code: a full disk, a file-size or disk quota, a
-# read-only or forbidden location, a path through a file. They get one line naming the
-# file, like bad input; any other OSError is a bug and keeps its traceback.
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-                      errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -42,12 +35,18 @@ def one_line(message: str) -> str:
     return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
-def environment_error(err: OSError) -> str | None:
-    """The one-line message of a machine failure (see ENVIRONMENT_ERRNOS), else None."""
-    if err.errno not in ENVIRONMENT_ERRNOS:
-        return None
-    where = err.filename if err.filename is not None else "a file"
-    return f"{where}: cannot write or read ({err.strerror}); earlier results are kept, rerun once fixed"
+class ShortMachineFailures(logging.Filter):
+    """Orbax logs the traceback of a writer thread that met a full disk before the save fails
+    in the main thread; the command's error line reports it, and a traceback would bury that
+    line, so such a record keeps one line. Other records pass unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        failure = record.exc_info[1] if record.exc_info else None
+        message = environment_failure(failure) if failure is not None else None
+        if message is not None:
+            record.msg, record.args = f"a background write failed: {one_line(message)}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _harvest(args: argparse.Namespace) -> None:
@@ -207,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ShortMachineFailures())
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also come after options (`sweep C --ray-address A run_dir=X`).
@@ -220,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"gemmascope: error: {one_line(str(err))}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
-    except OSError as err:
-        message = environment_error(err)
+    except Exception as err:  # a full disk is not a bug: one line, like bad input
+        message = environment_failure(err)
         if message is None:
             raise
         print(f"gemmascope: error: {one_line(message)}", file=sys.stderr)
