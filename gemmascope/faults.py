@@ -10,8 +10,9 @@ with a name; normally that is one dictionary lookup. With
 the process SIGKILLs itself at the n-th point whose name starts with the prefix: no
 cleanup, no flush, exactly like a preempted machine. The mark file is created first
 (exclusively), so across every process of a run (Ray workers included) the crash
-happens once and the rerun goes through. `GEMMASCOPE_CRASH_TRACE=<path>` appends the
-name of every point passed, which is how the crash matrix learns how many there are.
+happens once and the rerun goes through. `GEMMASCOPE_CRASH_TRACE=<path>` appends
+"<pid> <name>" for every point passed, which is how the crash matrix learns how many
+each process meets.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def crash_point(name: str) -> None:
     trace = os.environ.get(CRASH_TRACE)
     if trace:
         with open(trace, "a") as handle:
-            handle.write(name + "\n")
+            handle.write(f"{os.getpid()} {name}\n")
     target = _target()
     if target is None or not name.startswith(target[0]):
         return

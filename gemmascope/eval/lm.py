@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from gemmascope.eval.splice import splice
+from gemmascope.faults import crash_point
 from gemmascope.harvest.packing import ROLE_EOS, ROLE_TEXT
 from gemmascope.models.loading import LoadedModel
 
@@ -75,6 +76,7 @@ def lm_metrics(loaded: LoadedModel, batches: Sequence[tuple[np.ndarray, np.ndarr
     passes = 1 + sum(1 + len(saes) for saes in streams.values())
     bar = tqdm(total=len(batches) * passes, desc="eval LM", unit="pass", disable=not progress)
     for ids_np, role_np in batches:
+        crash_point("eval.batch")
         ids = torch.as_tensor(ids_np, dtype=torch.long)
         role = torch.as_tensor(role_np)
         text = (role == ROLE_TEXT).to(loaded.device)

@@ -26,6 +26,7 @@ from gemmascope import storage
 from gemmascope.cluster import connect
 from gemmascope.config import Config
 from gemmascope.errors import UserError
+from gemmascope.faults import crash_point
 from gemmascope.sweep.grid import Job
 from gemmascope.sweep.ledger import DONE, FAILED, RUNNING, JobLedger, Launcher
 from gemmascope.sweep.plan import model_shape, write_plan
@@ -216,6 +217,7 @@ def _run_jobs(config: Config, jobs: list[Job], ledger: JobLedger, heartbeat: _He
                     break
                 if ledger.claim(job_id) is None:
                     continue
+                crash_point("sweep.claimed")  # holds a lease, has started nothing
                 heartbeat.hold(job_id)
                 ref = _train_task.options(name=job_id, **job.resources.ray_options()).remote(config, job_id)
                 running[ref] = job_id

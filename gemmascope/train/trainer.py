@@ -22,6 +22,7 @@ from gemmascope import storage
 from gemmascope.config import Config, TrainConfig
 from gemmascope.errors import UserError
 from gemmascope.export.gemma_scope import params_npz_bytes
+from gemmascope.faults import crash_point
 from gemmascope.store import ActivationStore
 from gemmascope.sweep.grid import Job, find_job, plan_jobs
 from gemmascope.train.checkpoints import Checkpoints
@@ -177,6 +178,7 @@ def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainRes
         with tqdm(total=total, initial=start, desc=job.id, unit="step", disable=not progress) as bar:
             for step in range(start, total):
                 state, metrics = step_fn(state, loader.next())
+                crash_point("train.step")
                 done = step + 1
                 if done % cfg.log_every == 0 or done == total:
                     metrics = jax.device_get(metrics)
