@@ -7,6 +7,7 @@ refuses a write (a full disk, a file-size limit), and keeps tracebacks for real 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -35,18 +36,51 @@ def one_line(message: str) -> str:
     return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
-class ShortMachineFailures(logging.Filter):
-    """Orbax logs the traceback of a writer thread that met a full disk before the save fails
-    in the main thread; the command's error line reports it, and a traceback would bury that
-    line, so such a record keeps one line. Other records pass unchanged."""
+class MachineFailureEchoes(logging.Filter):
+    """Keeps the echoes of a refused write to one line each, so they do not bury the error line.
+
+    When a checkpoint meets a full disk, Orbax logs the writer thread's traceback and
+    TensorStore's pending writes then call back into a closed event loop (exceptions Python
+    ignores and prints) before the save fails in the main thread, whose error line reports
+    it. Records and ignored exceptions not caused by such a failure keep Python's report.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+        self.previous_hook = sys.unraisablehook
+
+    @contextlib.contextmanager
+    def installed(self):
+        """On the root logger's handlers and as sys.unraisablehook while a command runs."""
+        handlers = list(logging.getLogger().handlers)
+        self.previous_hook = sys.unraisablehook
+        for handler in handlers:
+            handler.addFilter(self)
+        sys.unraisablehook = self.unraisable
+        try:
+            yield
+        finally:
+            sys.unraisablehook = self.previous_hook
+            for handler in handlers:
+                handler.removeFilter(self)
 
     def filter(self, record: logging.LogRecord) -> bool:
         failure = record.exc_info[1] if record.exc_info else None
         message = environment_failure(failure) if failure is not None else None
         if message is not None:
+            self.failed = True
             record.msg, record.args = f"a background write failed: {one_line(message)}", ()
             record.exc_info, record.exc_text = None, None
         return True
+
+    def unraisable(self, info) -> None:
+        """sys.unraisablehook."""
+        if not self.failed:
+            self.previous_hook(info)
+            return
+        logging.getLogger("gemmascope").warning("after the failed write: %s: %s",
+                                                type(info.exc_value).__name__, info.exc_value)
 
 
 def _harvest(args: argparse.Namespace) -> None:
@@ -206,8 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(ShortMachineFailures())
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also come after options (`sweep C --ray-address A run_dir=X`).
@@ -217,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     if late:
         args.overrides = [*args.overrides, *late]
     try:
-        args.run(args)
+        with MachineFailureEchoes().installed():
+            args.run(args)
     except UserError as err:
         print(f"gemmascope: error: {one_line(str(err))}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
