@@ -1,7 +1,8 @@
 """Attaching to Ray: a real cluster by address, or a local one started on demand.
 
-Workers get the driver's emulator, cache and credential variables, so a job behaves
-the same on a laptop's local cluster and on a cluster started elsewhere.
+Workers get the driver's emulator and cache variables, so a job behaves the same on a
+laptop's local cluster and on a cluster started elsewhere. A cluster started here runs
+no dashboard; Ray's token authentication (on by default) guards the ports it does open.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ import ray
 
 from gemmascope import faults
 
-# Variables that point clients at emulators, caches and credentials; workers need the
-# driver's values even when they run on a cluster started elsewhere.
+# Variables that point clients at emulators and caches; workers need the driver's values
+# even when they run on a cluster started elsewhere. Credentials (HF_TOKEN, Google's
+# application credentials) are not among them: Ray records a job's runtime environment,
+# so each node takes its credentials from its own environment instead.
 FORWARDED_ENV = (
     "STORAGE_EMULATOR_HOST",
     "TENSORSTORE_GCS_HTTP_URL",
     "GOOGLE_AUTH_TOKEN_FOR_TESTING",
     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
     "GEMMASCOPE_CACHE",
-    "HF_TOKEN",
     "HF_HUB_OFFLINE",
     *faults.VARIABLES,
 )

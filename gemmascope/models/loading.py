@@ -253,9 +253,13 @@ def load_model(config: ModelConfig) -> LoadedModel:
     device, dtype = pick_device_and_dtype(config)
     # Gemma 2's soft-capping only exists on the eager path; Gemma 3 has none and runs sdpa.
     attention = "eager" if info.family == "gemma2" else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(
-        location, revision=config.revision, dtype=dtype, attn_implementation=attention
-    )
+    try:
+        # safetensors only: a pickled PyTorch checkpoint could run code when loaded.
+        model = AutoModelForCausalLM.from_pretrained(
+            location, revision=config.revision, dtype=dtype, attn_implementation=attention, use_safetensors=True
+        )
+    except OSError as err:
+        raise UserError(f"{config.source}: cannot load safetensors weights ({str(err).splitlines()[0]})") from None
     model.to(device).eval()
     model.requires_grad_(False)
     check_layer_modules(model.model.layers, config.source)
