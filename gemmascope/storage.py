@@ -4,15 +4,24 @@ Every stage names its inputs and outputs as URLs and goes through here, so the s
 code runs on a laptop and on a cluster writing to GCS. Files that other processes read
 are published atomically: a temp file renamed into place on local disks, a single-object
 upload on GCS (an object is either fully there or not), so a crash never leaves a
-half-written file visible. Transient network errors are retried with backoff.
+half-written file visible.
+
+Transient network errors (HTTP 408/429/5xx, dropped or truncated connections) are
+retried on one bounded schedule whichever client meets them: gcsfs requests (through
+`GCSFileSystem`, also registered for every other gs:// user in the process, Orbax's
+included) and TensorStore's gcs driver (through `tensorstore_context`). A 5% fault rate
+costs a few retries; a store that stays down ends the operation within ~15 s with a
+`StorageUnavailable` naming the object, one line on the command line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
 import uuid
@@ -30,6 +39,34 @@ T = TypeVar("T")
 log = logging.getLogger("gemmascope.storage")
 
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+# TensorStore reports failures as ValueError("<STATUS>: ..."); these statuses are network
+# trouble (ABORTED: its own retries ran out), not a bad spec or a damaged object.
+_TRANSIENT_TENSORSTORE = ("UNAVAILABLE:", "ABORTED:", "DEADLINE_EXCEEDED:", "RESOURCE_EXHAUSTED:")
+
+# The retry schedule of every storage request: six attempts, jittered backoff from 0.25 s
+# doubling to at most 4 s, about 8 s of waiting in all. Six failures in a row at a 5%
+# fault rate happen once in ~10^8 requests; a store that stays down is reported quickly
+# enough that a harvest, which retries its units a few times, stops within a minute or two.
+REQUEST_ATTEMPTS = 6
+FIRST_RETRY_S = 0.25
+MAX_RETRY_S = 4.0
+
+
+class StorageUnavailable(UserError):
+    """A storage request failed on every attempt: the store is unreachable, not the input
+    wrong. One line on the command line; the harvest driver may still rerun the unit."""
+
+
+def backoff_s(attempt: int, first: float = FIRST_RETRY_S) -> float:
+    """Seconds to wait after failed attempt `attempt` (1-based): doubling, capped, jittered."""
+    return min(MAX_RETRY_S, first * 2 ** (attempt - 1)) * (0.5 + random.random())
+
+
+def describe_error(err: BaseException) -> str:
+    """An error as one short line: TensorStore's trailing spec and response body dropped."""
+    text = str(err).split(" [tensorstore_spec=")[0].split(" [http_response_body=")[0]
+    text = " ".join(text.split()) or type(err).__name__
+    return text if isinstance(err, UserError) else f"{type(err).__name__}: {text}"
 
 
 def scheme(url: str) -> str:
@@ -56,17 +93,75 @@ def normalize(url: str) -> str:
 
 
 def join(url: str, *parts: str) -> str:
+    """`url` with `parts` appended; a part that climbs out with '..' (a name taken from a
+    config or the command line) is refused, so nothing is written outside the run."""
+    for part in parts:
+        if ".." in part.split("/"):
+            raise UserError(f"{part!r}: a path component may not be '..' (it would leave {url})")
     return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _request_target(method: str, path: str, *args, **kwargs) -> str:
+    """The gs:// object (or prefix) a gcsfs request is about, for error messages: its path
+    is a template ("b/{}/o/{}") filled with the bucket and the object's name, or an upload
+    URL ending in "b/BUCKET/o" with the name as a parameter."""
+    match = re.search(r"(?:^|/)b/([^/?]+)(?:/o/?([^?]*))?", path.format(*args))
+    if not match:
+        return path
+    name = match.group(2) or kwargs.get("name") or kwargs.get("prefix") or ""
+    return f"gs://{match.group(1)}/{name}".rstrip("/")
+
+
+def _bounded(request: Callable, target: Callable[..., str]) -> Callable:
+    """An undecorated gcsfs request method retried on this module's schedule."""
+
+    async def call(self, *args, **kwargs):
+        began = time.monotonic()
+        for attempt in range(1, REQUEST_ATTEMPTS + 1):
+            try:
+                return await request(self, *args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - classified below
+                if not is_transient(err):
+                    raise
+                if attempt == REQUEST_ATTEMPTS:
+                    raise StorageUnavailable(
+                        f"{target(*args, **kwargs)}: storage unavailable, {attempt} attempts failed in "
+                        f"{time.monotonic() - began:.1f} s (last: {describe_error(err)})") from None
+                delay = backoff_s(attempt)
+                log.debug("%s: %s; retry %d in %.2f s", target(*args, **kwargs), describe_error(err), attempt,
+                          delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return call
+
+
+@cache
+def gcs_filesystem_class() -> type:
+    """gcsfs with this module's retries instead of its own (6 tries up to 32 s apart, then
+    the raw error), registered for gs:// so Orbax's paths (etils) use it too."""
+    import gcsfs
+
+    base = gcsfs.GCSFileSystem
+
+    class GCSFileSystem(base):
+        _request = _bounded(base._request.__wrapped__, _request_target)
+        _get_file_request = _bounded(base._get_file_request.__wrapped__,
+                                     lambda rpath, *args, **kwargs: f"gs://{rpath}")
+        # Its requests are retried one by one; retrying the whole download again would multiply.
+        _get_file_concurrent = base._get_file_concurrent.__wrapped__
+
+    for protocol in ("gs", "gcs"):
+        fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
+    return GCSFileSystem
 
 
 @cache
 def _filesystem(kind: str) -> fsspec.AbstractFileSystem:
     if kind == "gs":
-        import gcsfs
-
         # The emulator (STORAGE_EMULATOR_HOST) takes anonymous access; real GCS uses ADC.
         token = "anon" if os.environ.get("STORAGE_EMULATOR_HOST") else None
-        return gcsfs.GCSFileSystem(token=token)
+        return gcs_filesystem_class()(token=token)
     return fsspec.filesystem(kind)
 
 
@@ -80,13 +175,21 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def is_transient(err: BaseException) -> bool:
-    """Network hiccups worth retrying; missing files and permissions are not."""
+    """Network hiccups worth retrying; missing files and permissions are not.
+
+    HTTP errors carry their status (gcsfs's HttpError `.code`, aiohttp's `.status`);
+    aiohttp's other errors are connection trouble (server disconnected, payload cut
+    short), as are the requests exceptions gcsfs raises for a 502; TensorStore's say so
+    in their status prefix."""
     if isinstance(err, FileNotFoundError | PermissionError | IsADirectoryError | UserError):
         return False
     code = getattr(err, "code", None) or getattr(err, "status", None)
     if isinstance(code, int):
         return code in _TRANSIENT_HTTP
-    return isinstance(err, ConnectionError | TimeoutError) or type(err).__module__.startswith("aiohttp")
+    if isinstance(err, ValueError):
+        return str(err).startswith(_TRANSIENT_TENSORSTORE)
+    return (isinstance(err, ConnectionError | TimeoutError)
+            or type(err).__module__.split(".")[0] in ("aiohttp", "requests"))
 
 
 def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: float = 0.25) -> T:
@@ -97,7 +200,7 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_dela
         except Exception as err:  # noqa: BLE001 - classified below
             if not is_transient(err) or attempt == attempts - 1:
                 raise
-            delay = base_delay * 2**attempt * (0.5 + random.random())
+            delay = backoff_s(attempt + 1, base_delay)
             log.warning("%s: %r; retry %d/%d in %.1f s", what, err, attempt + 1, attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
@@ -206,10 +309,20 @@ def tensorstore_kvstore(url: str) -> dict:
 
 @lru_cache(maxsize=1)
 def tensorstore_context() -> Any:
-    """One TensorStore context per process: memory:// stores and caches are shared through it."""
+    """One TensorStore context per process: memory:// stores and caches are shared through
+    it, and gcs requests retry on this module's schedule (TensorStore's default, 32 tries
+    up to 32 s apart, would take a quarter of an hour to give up on a dead store)."""
     import tensorstore as ts
 
-    return ts.Context()
+    return ts.Context({"gcs_request_retries": {
+        "max_retries": REQUEST_ATTEMPTS, "initial_delay": f"{FIRST_RETRY_S}s", "max_delay": f"{MAX_RETRY_S}s"}})
+
+
+def tensorstore_failure(url: str, doing: str, err: Exception) -> UserError:
+    """A failed TensorStore read or write of `url` as one line: `StorageUnavailable` when
+    the network gave out (the harvest may retry the unit), a plain `UserError` otherwise."""
+    kind = StorageUnavailable if is_transient(err) else UserError
+    return kind(f"{url}: cannot {doing} ({describe_error(err)})")
 
 
 def download_dir(url: str, target: Path) -> Path:

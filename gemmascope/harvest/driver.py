@@ -158,12 +158,14 @@ def _run_all(pool: _Pool, items: list, call, on_done, *, max_attempts: int, what
             on_done(item, result)
             continue
         cause = _cause(result)
-        if isinstance(cause, UserError):
-            raise cause
+        if isinstance(cause, UserError) and not isinstance(cause, storage.StorageUnavailable):
+            raise cause  # bad input fails the same way on every attempt
         attempts[item] = attempts.get(item, 0) + 1
         if attempts[item] >= max_attempts:
-            raise UserError(f"{what} {item} failed {attempts[item]} times; last error: {cause!r}")
-        log.warning("%s %s failed (attempt %d/%d): %r; retrying", what, item, attempts[item], max_attempts, cause)
+            raise UserError(f"{what} {item} failed {attempts[item]} times; last error: "
+                            f"{storage.describe_error(cause)}")
+        log.warning("%s %s failed (attempt %d/%d): %s; retrying", what, item, attempts[item], max_attempts,
+                    storage.describe_error(cause))
         queue.appendleft(item)
 
 

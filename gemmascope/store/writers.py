@@ -55,19 +55,29 @@ class ZarrRowWriter:
     def _flush(self) -> None:
         end = self.position + len(self.buffer)
         self.crc32c = extend_crc32c(self.crc32c, self.buffer)
-        self.in_flight.append(self.array[self.position:end].write(self.buffer))
+        self.in_flight.append((self.array[self.position:end].write(self.buffer), self.position, end))
         crash_point("harvest.shard_write")  # killed with the write in flight
         self.position = end
         while len(self.in_flight) > self.max_in_flight:
-            self.in_flight.popleft().result()
+            self._wait_oldest()
         if self.position < self.stop:
             self._new_buffer()
+
+    def _wait_oldest(self) -> None:
+        """Finish the oldest write; a failure names the array and its rows (TensorStore
+        has retried it already), as a `StorageUnavailable` when the network gave out."""
+        future, start, end = self.in_flight.popleft()
+        try:
+            future.result()
+        except ValueError as err:
+            url = self.array.kvstore.url.rstrip("/")
+            raise storage.tensorstore_failure(url, f"write rows [{start}, {end})", err) from None
 
     def close(self) -> None:
         if self.position != self.stop:
             raise RuntimeError(f"unit ended at row {self.position + self.filled}, expected {self.stop}")
         while self.in_flight:
-            self.in_flight.popleft().result()
+            self._wait_oldest()
 
 
 def activation_schema(width: int, dtype: str) -> pa.Schema:
