@@ -15,7 +15,7 @@ LOCK ?= /tmp/gemmascope-$(subst /,_,$(CONFIG)).lock
 CHROMIUM_STAMP := $(VENV)/.chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-slow bench lint harvest train plan sweep resume status clean
+.PHONY: demo test test-slow chaos bench lint harvest train plan sweep resume status clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: $(STAMP) $(CHROMIUM_STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# The whole crash matrix: every stage killed at seeded crash points and rerun (about 20 min).
+chaos: $(STAMP)
+	$(BIN)/python -m pytest tests/test_chaos.py $(PYTEST_ARGS)
 
 RESULTS ?= benchmarks/results
 bench: $(STAMP)

@@ -50,7 +50,7 @@ STAGES = ("harvest", "sweep", "eval", "export")
 CASES = {
     "harvest driver, ledger commit": ("harvest", "storage.publish ledger.json", "driver"),
     "harvest worker, shard write in flight": ("harvest", "harvest.shard_write", "worker"),
-    "harvest worker, token table publish": ("harvest", "storage.publish tokens-", "worker"),
+    "harvest worker, token table publish": ("harvest", "storage.publish unit-", "worker"),
     "sweep launcher, lease just claimed": ("sweep", "sweep.claimed", "driver"),
     "sweep launcher, job record write": ("sweep", "storage.publish res-", "driver"),
     "train worker, between steps": ("sweep", "train.step", "worker"),
