@@ -1,13 +1,18 @@
 """A loopback HTTP proxy in front of the GCS emulator that injects storage faults.
 
 Every request is forwarded to the emulator unless a seeded draw at the configured rate
-makes it a fault; the kinds take turns: an HTTP 429, 500 or 503 answer (the request never arrives), a
-connection closed without an answer, a connection closed half-way through the
-emulator's answer (the request did arrive: a write happened that the client cannot see),
-or a slow answer. Clients are pointed here through STORAGE_EMULATOR_HOST and
-TENSORSTORE_GCS_HTTP_URL, so gcsfs, TensorStore, Orbax and Ray workers all go through
-it. The rate and the kinds can change while clients are connected; the counts say what
-was injected, for the tests and for docs/reliability.md.
+makes it a fault. The kinds of fault take turns, so a handful of faults exercises them all:
+
+    429, 500, 503  a JSON error answer, as GCS gives when overloaded (the request never arrives)
+    drop           the connection closed without an answer (the request never arrives)
+    truncate       the request forwarded, its answer cut off half-way through the body and
+                   the connection closed: a write happened that the client cannot see
+    slow           the answer held back `slow_s` seconds, then sent whole
+
+Clients are pointed here by STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL, so gcsfs,
+TensorStore and Orbax in a command and in its Ray workers all go through it. The rate
+and the kinds can change while clients are connected; `counts` says what was injected,
+for the tests and for docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -75,17 +80,12 @@ class FaultProxy:
             return {"requests": self._counts["requests"], "faults": self._counts["faults"],
                     **{kind: self._counts[kind] for kind in KINDS}}
 
-    def reset_counts(self) -> None:
-        with self._lock:
-            self._counts.clear()
-
     def draw(self) -> str | None:
         """The fault for the next request, or None to forward it untouched."""
         with self._lock:
             self._counts["requests"] += 1
             if self._rng.random() >= self.rate:
                 return None
-            # Kinds take turns, so a handful of faults already exercises every kind.
             kind = self.kinds[self._counts["faults"] % len(self.kinds)]
             self._counts["faults"] += 1
             self._counts[kind] += 1
@@ -178,6 +178,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _answer(self, status: int, headers: list[tuple[str, str]], data: bytes, *, truncate: bool) -> None:
         """Relay the emulator's answer; `truncate` closes the connection half-way through the body."""
+        if truncate and (self.command == "HEAD" or not data):
+            self.close_connection = True  # no body to cut short: the whole answer is lost
+            return
         self.send_response(status)
         for key, value in headers:
             if key.lower() in _NOT_FORWARDED or key.lower() in ("date", "server"):
@@ -185,15 +188,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             if key.lower() == "location":  # resumable uploads continue through the proxy
                 value = value.replace(self.proxy.upstream.geturl().rstrip("/"), self.proxy.url)
             self.send_header(key, value)
-        length = dict((k.lower(), v) for k, v in headers).get("content-length", str(len(data)))
-        if self.command != "HEAD":
+        if self.command == "HEAD":  # no body, but the length a GET would get
+            length = next((v for k, v in headers if k.lower() == "content-length"), None)
+        else:
             length = str(len(data))
-        if status >= 200 and status not in (204, 304):
+        if length is not None and status not in (204, 304):
             self.send_header("Content-Length", length)
         self.end_headers()
-        if truncate:
-            self.wfile.write(data[: len(data) // 2])
-            self.close_connection = True
-            return
         if self.command != "HEAD":
-            self.wfile.write(data)
+            self.wfile.write(data[: len(data) // 2] if truncate else data)
+        self.close_connection = self.close_connection or truncate

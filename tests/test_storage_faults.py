@@ -7,11 +7,15 @@ stderr, and what it had committed stays intact, so a rerun finishes to the same 
 
 from __future__ import annotations
 
+import http.client
 import io
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +27,6 @@ from gemmascope.store import ActivationStore, paths
 from tests.fault_proxy import FAILURES, KINDS, FaultProxy
 from tests.harvest_helpers import ROOT, snapshot
 from tests.train_helpers import gaussian_store, small_config, write_yaml
-
-pytestmark = pytest.mark.ray
 
 GEMMASCOPE = str(Path(sys.executable).parent / "gemmascope")
 TINY = str(ROOT / "configs" / "tiny-gemma2.yaml")
@@ -42,6 +44,29 @@ def proxy(gcs_emulator):
     yield proxy
     print(f"fault proxy: {proxy.counts()}")
     proxy.stop()
+
+
+def test_the_proxy_injects_each_kind_of_fault(gcs_bucket, proxy):
+    """Each kind as documented, against the real emulator, and counted."""
+    storage.write_bytes_atomic(f"{gcs_bucket}/object", b"x" * 1000)
+    url = f"{proxy.url}/storage/v1/b/{gcs_bucket[len('gs://'):]}/o/object?alt=media"
+    outcomes = {}
+    proxy.set(1.0)
+    for kind in KINDS:
+        began = time.monotonic()
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                outcomes[kind] = (len(response.read()), time.monotonic() - began >= proxy.slow_s)
+        except urllib.error.HTTPError as err:
+            outcomes[kind] = json.loads(err.read())["error"]["code"]
+        except (http.client.RemoteDisconnected, http.client.IncompleteRead) as err:
+            outcomes[kind] = type(err).__name__
+    assert outcomes == {"429": 429, "500": 500, "503": 503, "drop": "RemoteDisconnected",
+                        "truncate": "IncompleteRead", "slow": (1000, True)}
+    proxy.set(0.0)
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.read() == b"x" * 1000
+    assert proxy.counts() == {"requests": 7, "faults": 6, **dict.fromkeys(KINDS, 1)}
 
 
 def gemmascope(proxy: FaultProxy | None, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -92,15 +117,25 @@ def local_harvest(ray_address, tmp_path_factory):
     return snapshot(str(run_dir))
 
 
+def since(proxy: FaultProxy, before: dict) -> dict:
+    """The proxy's counts since the snapshot `before`."""
+    return {key: value - before[key] for key, value in proxy.counts().items()}
+
+
+def added(*counts: dict) -> dict:
+    return {key: sum(c[key] for c in counts) for key in counts[0]}
+
+
+@pytest.mark.slow
+@pytest.mark.ray
 def test_harvest_at_5_percent_faults_equals_a_local_harvest(local_harvest, ray_address, gcs_bucket, proxy):
     run_dir = f"{gcs_bucket}/runs/faulty"
     proxy.set(0.05)
     began = time.monotonic()
     result = gemmascope(proxy, *harvest_args(run_dir, ray_address))
     assert result.returncode == 0, result.stderr[-3000:]
-    counts = proxy.counts()
-    print(f"harvest at 5%: {time.monotonic() - began:.1f} s, {counts}")
-    assert_every_kind_injected(counts)
+    print(f"harvest at 5%: {time.monotonic() - began:.1f} s, {proxy.counts()}")
+    assert_every_kind_injected(proxy.counts())
     assert snapshot(run_dir) == local_harvest
 
 
@@ -116,40 +151,56 @@ def wait_for_units(run_dir: str, process: subprocess.Popen, at_least: int) -> se
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"harvest ended before the faults began:\n{process.stderr.read()[-3000:]}")
+            raise AssertionError(f"harvest ended before the outage began:\n{process.stderr.read()[-3000:]}")
         if len(units := committed_units(run_dir)) >= at_least:
             return units
         time.sleep(0.1)
     raise AssertionError(f"no {at_least} committed units within 300 s")
 
 
-def test_harvest_at_100_percent_stops_keeps_its_commits_and_resumes(local_harvest, ray_address, gcs_bucket,
-                                                                   proxy):
-    run_dir = f"{gcs_bucket}/runs/outage"
-    args = harvest_args(run_dir, ray_address)
-    process = start_gemmascope(proxy, *args)
-    before = wait_for_units(run_dir, process, at_least=2)
-    proxy.set(1.0, FAILURES)
-    began = time.monotonic()
-    _, stderr = process.communicate(timeout=STOP_WITHIN_S + 60)
-    stopped_s = time.monotonic() - began
-    last = assert_stopped_with_one_line(process, stderr)
-    print(f"harvest at 100%: stopped {stopped_s:.1f} s after the outage began, {proxy.counts()}: {last}")
-    assert stopped_s < STOP_WITHIN_S
-    assert_every_kind_injected(proxy.counts(), FAILURES)
-
-    # The units committed before the outage are still listed, and their rows are the reference's.
+def assert_committed_rows_match(run_dir: str, units: set[int], reference: dict) -> None:
+    """The store still lists `units`, and their rows are the reference's, bit for bit."""
     store = ActivationStore.open(run_dir)
-    assert before <= set(store.ledger.committed_units) and not store.complete
+    assert units <= set(store.ledger.committed_units) and not store.complete
     for key in store.keys:
+        row_bytes = len(reference["arrays"][key]) // store.layout.n_rows
         for start, stop in store.committed_ranges:
             rows = np.ascontiguousarray(store.read(*key, start, stop)).view(np.uint8).tobytes()
-            row_bytes = len(local_harvest["arrays"][key]) // store.layout.n_rows
-            assert rows == local_harvest["arrays"][key][start * row_bytes:stop * row_bytes], (key, start)
+            assert rows == reference["arrays"][key][start * row_bytes:stop * row_bytes], (key, start)
 
-    proxy.set(0.0)
+
+@pytest.mark.ray
+def test_harvest_through_faults_and_an_outage_equals_a_local_harvest(local_harvest, ray_address, gcs_bucket,
+                                                                     proxy):
+    """5% faults until two units are committed, then every request fails: the harvest stops
+    within the bound with one line and its ledger intact; rerun at 5%, it finishes to the
+    same store as a local harvest without faults."""
+    run_dir = f"{gcs_bucket}/runs/outage"
+    args = harvest_args(run_dir, ray_address)
+    proxy.set(0.05)
+    began = time.monotonic()
+    process = start_gemmascope(proxy, *args)
+    committed = wait_for_units(run_dir, process, at_least=2)
+    before_outage = proxy.counts()
+    proxy.set(1.0, FAILURES)
+    outage_began = time.monotonic()
+    _, stderr = process.communicate(timeout=STOP_WITHIN_S + 60)
+    stopped_s = time.monotonic() - outage_began
+    line = assert_stopped_with_one_line(process, stderr)
+    outage = since(proxy, before_outage)
+    print(f"harvest at 5%: {len(committed)} units committed in {outage_began - began:.1f} s, {before_outage}")
+    print(f"harvest at 100%: stopped {stopped_s:.1f} s after the outage began, {outage}: {line}")
+    assert stopped_s < STOP_WITHIN_S
+    assert_every_kind_injected(outage, FAILURES)
+    assert_committed_rows_match(run_dir, committed, local_harvest)
+
+    before_rerun = proxy.counts()
+    proxy.set(0.05)
+    began = time.monotonic()
     rerun = gemmascope(proxy, *args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    print(f"harvest rerun at 5%: {time.monotonic() - began:.1f} s, {since(proxy, before_rerun)}")
+    assert_every_kind_injected(added(before_outage, since(proxy, before_rerun)))
     assert snapshot(run_dir) == local_harvest
 
 
@@ -162,20 +213,24 @@ def gs_params(run_dir: str) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def train_config(run_dir: str, tmp_path: Path) -> str:
+def train_config(run_dir: str, tmp_path: Path, **overrides) -> str:
     """A one-job config over a gaussian store written to `run_dir` (past the proxy)."""
     gaussian_store(run_dir, n_rows=4096, d_in=16)
-    return write_yaml(small_config(run_dir, **TRAIN), tmp_path / "config.yaml")
+    return write_yaml(small_config(run_dir, **{**TRAIN, **overrides}), tmp_path / "config.yaml")
+
+
+def train_locally(tmp_path: Path, **overrides) -> dict[str, np.ndarray]:
+    """The job trained on local disk without the proxy: what runs through it must equal."""
+    result = gemmascope(None, "train", train_config(str(tmp_path), tmp_path, **overrides), "--job", JOB,
+                        "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(tmp_path / "train" / JOB / "saes" / "w128-s0.03" / "params.npz") as data:
+        return {k: data[k] for k in data.files}
 
 
 @pytest.fixture(scope="module")
 def trained_without_faults(tmp_path_factory) -> dict[str, np.ndarray]:
-    """The job trained on local disk: what every run through the proxy must equal."""
-    tmp_path = tmp_path_factory.mktemp("trained-local")
-    result = gemmascope(None, "train", train_config(str(tmp_path), tmp_path), "--job", JOB, "--no-progress")
-    assert result.returncode == 0, result.stderr[-3000:]
-    with np.load(tmp_path / "train" / JOB / "saes" / "w128-s0.03" / "params.npz") as data:
-        return {k: data[k] for k in data.files}
+    return train_locally(tmp_path_factory.mktemp("trained-local"))
 
 
 def assert_same_params(got: dict, expected: dict) -> None:
@@ -184,35 +239,66 @@ def assert_same_params(got: dict, expected: dict) -> None:
         assert np.array_equal(got[key].view(np.uint32), expected[key].view(np.uint32)), key
 
 
-def test_training_at_5_percent_faults_gives_the_same_parameters(trained_without_faults, gcs_bucket, proxy,
-                                                                tmp_path):
-    run_dir = f"{gcs_bucket}/runs/train-faulty"
+def test_training_stops_in_an_outage_then_at_5_percent_gives_the_same_parameters(
+        trained_without_faults, gcs_bucket, proxy, tmp_path):
+    run_dir = f"{gcs_bucket}/runs/train"
     config = train_config(run_dir, tmp_path)
+    store = snapshot(run_dir)
+    proxy.set(1.0, FAILURES)
+    began = time.monotonic()
+    result = gemmascope(proxy, "train", config, "--job", JOB, "--no-progress", timeout=STOP_WITHIN_S + 60)
+    stopped_s = time.monotonic() - began
+    line = assert_stopped_with_one_line(result, result.stderr)
+    print(f"training at 100%: stopped after {stopped_s:.1f} s, {proxy.counts()}: {line}")
+    assert stopped_s < STOP_WITHIN_S
+    assert snapshot(run_dir) == store
+
+    before = proxy.counts()
     proxy.set(0.05)
     began = time.monotonic()
     result = gemmascope(proxy, "train", config, "--job", JOB, "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
-    counts = proxy.counts()
+    counts = since(proxy, before)
     print(f"training at 5%: {time.monotonic() - began:.1f} s, {counts}")
     assert_every_kind_injected(counts)
     assert_same_params(gs_params(run_dir), trained_without_faults)
 
 
-def test_training_at_100_percent_stops_then_reruns_to_the_same_parameters(trained_without_faults, gcs_bucket,
-                                                                          proxy, tmp_path):
+# Long enough (300 steps, a checkpoint every 50) for an outage to begin mid-run.
+LONG_TRAIN = dict(steps=300, checkpoint_every=50, log_every=25)
+
+
+def wait_for_checkpoint(run_dir: str, process: subprocess.Popen) -> str:
+    """The first committed checkpoint (its manifest written) of a gs:// job; its step."""
+    pattern = storage.join(run_dir, "train", JOB, "checkpoints", "*", "checksums.json")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"training ended before the outage began:\n{process.stderr.read()[-3000:]}")
+        if manifests := storage.glob(pattern):
+            return manifests[0].rsplit("/", 2)[-2]
+        time.sleep(0.1)
+    raise AssertionError("no checkpoint within 300 s")
+
+
+@pytest.mark.slow
+def test_training_outage_after_a_checkpoint_resumes_to_the_same_parameters(gcs_bucket, proxy, tmp_path):
+    (tmp_path / "local").mkdir()
+    expected = train_locally(tmp_path / "local", **LONG_TRAIN)
     run_dir = f"{gcs_bucket}/runs/train-outage"
-    config = train_config(run_dir, tmp_path)
-    store_before = snapshot(run_dir)
+    config = train_config(run_dir, tmp_path, **LONG_TRAIN)
+    process = start_gemmascope(proxy, "train", config, "--job", JOB, "--no-progress")
+    step = wait_for_checkpoint(run_dir, process)
     proxy.set(1.0, FAILURES)
     began = time.monotonic()
-    result = gemmascope(proxy, "train", config, "--job", JOB, "--no-progress", timeout=STOP_WITHIN_S + 60)
+    _, stderr = process.communicate(timeout=STOP_WITHIN_S + 60)
     stopped_s = time.monotonic() - began
-    last = assert_stopped_with_one_line(result, result.stderr)
-    print(f"training at 100%: stopped after {stopped_s:.1f} s, {proxy.counts()}: {last}")
+    line = assert_stopped_with_one_line(process, stderr)
+    print(f"training at 100% after step {step}: stopped {stopped_s:.1f} s later, {proxy.counts()}: {line}")
     assert stopped_s < STOP_WITHIN_S
-    assert snapshot(run_dir) == store_before
 
     proxy.set(0.0)
     rerun = gemmascope(proxy, "train", config, "--job", JOB, "--no-progress")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert_same_params(gs_params(run_dir), trained_without_faults)
+    assert "now," in rerun.stdout and f"({LONG_TRAIN['steps']} now" not in rerun.stdout, rerun.stdout
+    assert_same_params(gs_params(run_dir), expected)
