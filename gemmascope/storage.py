@@ -17,6 +17,8 @@ costs a few retries; a store that stays down ends the operation within ~15 s wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import glob as globlib
 import json
 import logging
 import os
@@ -237,6 +239,16 @@ def makedirs(url: str) -> None:
     # GCS has no directories.
 
 
+def _remove_stale_staging(path: str) -> None:
+    """Temp files of earlier writers of `path` that were killed before their rename. Each
+    file has one writer at a time (the ledgers' single writers, records under a lock), so
+    once this publish has landed no other staging file of `path` is still being written."""
+    pattern = os.path.join(os.path.dirname(path), f".{globlib.escape(os.path.basename(path))}.tmp-*")
+    for stale in globlib.glob(pattern, include_hidden=True):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)
+
+
 def _publish_local(url: str, write: Callable[[Any], None]) -> None:
     """Write a local file through a temp file in the same directory, fsync, then rename."""
     path = normalize(url)
@@ -250,6 +262,7 @@ def _publish_local(url: str, write: Callable[[Any], None]) -> None:
             crash_point(f"storage.publish {os.path.basename(path)}")  # written, not yet visible
             os.fsync(handle.fileno())
         os.replace(staging, path)  # atomic within one filesystem, hence the staging directory
+        _remove_stale_staging(path)
     except OSError as err:
         raise UserError(f"{url}: cannot write ({err.strerror})") from None
     finally:

@@ -426,3 +426,14 @@ def test_publish_local_file(kind, tmp_path, request):
         assert os.listdir(tmp_path / "run" / "activations") == ["tokens.parquet"]
     else:
         assert storage.glob(storage.join(target.rsplit("/", 1)[0], "*")) == [target]
+
+
+def test_publish_removes_staging_files_left_by_a_killed_writer(tmp_path):
+    target = tmp_path / "ledger.json"
+    stale = tmp_path / ".ledger.json.tmp-0123456789abcdef"
+    stale.write_bytes(b"half a ledger")
+    other = tmp_path / ".other.json.tmp-0123456789abcdef"  # another file's: not ours to remove
+    other.write_bytes(b"x")
+    storage.write_json_atomic(str(target), {"units": {}})
+    assert json.loads(target.read_text()) == {"units": {}}
+    assert not stale.exists() and other.exists()
