@@ -24,11 +24,13 @@ INT_LIMIT = 2**63
 
 _short = reprlib.Repr()
 _short.maxlevel, _short.maxlist, _short.maxdict = 3, 8, 6
-_short.maxstring, _short.maxother, _short.maxlong = 60, 60, 40
+_short.maxstring, _short.maxother, _short.maxlong = 1000, 60, 40
 
 
 def show(value: Any) -> str:
-    """A value as an error message quotes it: its repr, shortened, so the message stays one short line."""
+    """A value as an error message quotes it: its repr, with long lists, mappings and numbers
+    shortened so the message stays one readable line (strings, often paths, are kept whole up
+    to 1,000 characters)."""
     return _short.repr(value)
 
 
