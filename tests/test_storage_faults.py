@@ -3,6 +3,9 @@
 At a 5% fault rate every kind of fault is injected and the results are exactly those of
 a run without faults; at 100% a command stops within a bounded time with one line on
 stderr, and what it had committed stays intact, so a rerun finishes to the same store.
+By default a harvest runs at 5%, meets an outage, and is rerun at 5%; a training job
+meets an outage from its start, then runs at 5%. Under `slow`: a whole harvest at 5%,
+and a training job whose outage begins after its first checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 import pytest
 
 from gemmascope import storage
+from gemmascope.config import load_config
 from gemmascope.harvest.driver import run_harvest
 from gemmascope.store import ActivationStore, paths
 from tests.fault_proxy import FAILURES, KINDS, FaultProxy
@@ -87,8 +91,8 @@ def through(proxy: FaultProxy | None) -> dict[str, str]:
     return env
 
 
-def harvest_args(run_dir: str, ray_address: str, *extra: str) -> list[str]:
-    return ["harvest", TINY, f"run_dir={run_dir}", *HARVEST, *extra, "--ray-address", ray_address, "--no-progress"]
+def harvest_args(run_dir: str, ray_address: str) -> list[str]:
+    return ["harvest", TINY, f"run_dir={run_dir}", *HARVEST, "--ray-address", ray_address, "--no-progress"]
 
 
 def assert_every_kind_injected(counts: dict, kinds=KINDS) -> None:
@@ -110,8 +114,6 @@ def assert_stopped_with_one_line(result: subprocess.CompletedProcess | subproces
 @pytest.fixture(scope="module")
 def local_harvest(ray_address, tmp_path_factory):
     """The HARVEST store on local disk, without faults: what every gs:// run must equal."""
-    from gemmascope.config import load_config
-
     run_dir = tmp_path_factory.mktemp("local-harvest")
     run_harvest(load_config(TINY, [f"run_dir={run_dir}", *HARVEST]), progress=False)
     return snapshot(str(run_dir))
