@@ -140,18 +140,19 @@ def _bounded(request: Callable, target: Callable[..., str]) -> Callable:
 
 @cache
 def gcs_filesystem_class() -> type:
-    """gcsfs with this module's retries instead of its own (6 tries up to 32 s apart, then
-    the raw error), registered for gs:// so Orbax's paths (etils) use it too."""
+    """gcsfs with this module's retries on every request instead of its own (6 tries up
+    to 32 s apart, then the raw error), registered for gs:// so Orbax's paths (etils) use
+    it too. Whole-file downloads (`get`, as `download_dir` does) keep gcsfs's retries.
+
+    `gcsfs.GCSFileSystem` is the core class or, unless GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT
+    is false, its zonal/HNS extension; both inherit the core's decorated `_request`."""
     import gcsfs
 
     base = gcsfs.GCSFileSystem
+    request = getattr(base._request, "__wrapped__", base._request)  # without gcsfs's retries
 
     class GCSFileSystem(base):
-        _request = _bounded(base._request.__wrapped__, _request_target)
-        _get_file_request = _bounded(base._get_file_request.__wrapped__,
-                                     lambda rpath, *args, **kwargs: f"gs://{rpath}")
-        # Its requests are retried one by one; retrying the whole download again would multiply.
-        _get_file_concurrent = base._get_file_concurrent.__wrapped__
+        _request = _bounded(request, _request_target)
 
     for protocol in ("gs", "gcs"):
         fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)

@@ -73,6 +73,21 @@ def test_the_proxy_injects_each_kind_of_fault(gcs_bucket, proxy):
     assert proxy.counts() == {"requests": 7, "faults": 6, **dict.fromkeys(KINDS, 1)}
 
 
+@pytest.mark.parametrize("zonal", ["false", "true"])
+def test_every_gs_client_gets_the_bounded_retries(zonal):
+    """Whichever class gcsfs exports (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT picks its zonal
+    extension, the default on real GCS), the storage layer's subclass of it takes over
+    gs:// in fsspec's registry, with the storage schedule on every request."""
+    check = ("import fsspec, gcsfs; from gemmascope import storage; cls = storage.gcs_filesystem_class(); "
+             "assert issubclass(cls, gcsfs.GCSFileSystem); "
+             "assert fsspec.get_filesystem_class('gs') is fsspec.get_filesystem_class('gcs') is cls; "
+             "assert cls._request.__qualname__.startswith('_bounded'); print(gcsfs.GCSFileSystem.__name__)")
+    env = {**os.environ, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": zonal}
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == ("ExtendedGcsFileSystem" if zonal == "true" else "GCSFileSystem")
+
+
 def gemmascope(proxy: FaultProxy | None, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the CLI with its GCS traffic (and its Ray workers') through `proxy`."""
     return subprocess.run([GEMMASCOPE, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
