@@ -105,9 +105,9 @@ def test_metrics_log_past_the_limit_keeps_checkpoints_and_resumes(uninterrupted,
 def test_a_checkpoint_past_the_limit_is_one_line_and_resumes(uninterrupted, tmp_path):
     """Orbax writes from threads through TensorStore: its failure must still be one line."""
     config = train_run(tmp_path, log_every=50)  # the log stays small: a checkpoint file meets the limit
-    stopped = gemmascope("train", config, "--job", JOB, limit=10_000)
+    stopped = gemmascope("train", config, "--job", JOB, limit=6_000)
     line = the_error_line(stopped)
-    assert f"{tmp_path}/train/{JOB}/checkpoints/" in line
+    assert f"{tmp_path}/train/{JOB}/checkpoints/20" in line
     checkpoints = Checkpoints(str(tmp_path / "train" / JOB / "checkpoints"))
     assert checkpoints.manager.all_steps() == []  # the half-written step is not a checkpoint
     checkpoints.close()
@@ -137,21 +137,30 @@ def test_export_past_the_limit_leaves_the_previous_export_as_it_was(uninterrupte
     assert {name: tree(run_dir / name) for name in exported} == exported
 
 
+def ledger_size(ledger: dict, units: list[str]) -> int:
+    """Bytes of the ledger as the driver writes it when just `units` are committed."""
+    partial = {**ledger, "complete": False, "units": {u: ledger["units"][u] for u in units}}
+    partial.pop("summary", None)
+    return len(json.dumps(partial, indent=1, sort_keys=True)) + 1
+
+
 @pytest.mark.ray
 def test_harvest_ledger_past_the_limit_keeps_committed_units(ray_address, tmp_path):
     tiny = str(ROOT / "configs" / "tiny-gemma2.yaml")
     reference = tmp_path / "reference"
     assert gemmascope("harvest", tiny, f"run_dir={reference}", "--ray-address", ray_address).returncode == 0
-    final_ledger = (reference / "activations" / "ledger.json").stat().st_size
-
+    expected = json.loads((reference / "activations" / "ledger.json").read_text())
+    units = sorted(expected["units"])
+    assert len(units) >= 3
+    # Room for the ledger with one unit committed, not with two: the second commit fails.
+    one, two = ledger_size(expected, units[:1]), ledger_size(expected, units[:2])
     run_dir = tmp_path / "run"
     args = ("harvest", tiny, f"run_dir={run_dir}", "--ray-address", ray_address)
-    stopped = gemmascope(*args, limit=final_ledger - 1)
+    stopped = gemmascope(*args, limit=(one + two) // 2)
     line = the_error_line(stopped)
     assert str(run_dir / "activations" / "ledger.json") in line
     ledger = json.loads((run_dir / "activations" / "ledger.json").read_text())  # the last committed version
-    assert not ledger["complete"]
-    expected = json.loads((reference / "activations" / "ledger.json").read_text())
+    assert not ledger["complete"] and len(ledger["units"]) == 1
     for unit, entry in ledger["units"].items():
         assert entry["crc32c"] == expected["units"][unit]["crc32c"]
 
