@@ -80,8 +80,11 @@ def _gcs_write(url: str, data: bytes, version: str) -> bool:
             "POST", upload, uploadType="multipart", data=body,
             ifGenerationMatch="0" if version == ABSENT else version,
             headers={"Content-Type": f'multipart/related; boundary="{_BOUNDARY}"'}), what=url)
-    except FileExistsError:  # 412: the precondition failed, someone else wrote first
-        return False
+    except FileExistsError:  # 412: the precondition failed
+        # Either someone else wrote first, or our own write landed and only its answer was
+        # lost, so the retry met our write's new generation. Records carry the writer and
+        # a timestamp, so equal bytes mean the write was ours.
+        return _gcs_read(url)[0] == data
     return True
 
 

@@ -157,3 +157,13 @@ def test_memory_urls_are_refused_with_a_clear_error():
 
     with pytest.raises(UserError, match="local or gs://"):
         versioned.read("memory://run/sweep/jobs/a.json")
+
+
+def test_a_gcs_write_whose_answer_was_lost_counts_as_written(gcs_bucket):
+    """The retry of a landed write meets its own generation (412): the bytes tell it was ours."""
+    url = f"{gcs_bucket}/run/sweep/jobs/job.json"
+    record = {"job": "job", "owner": "host:1:abcd", "updated": 1.5}
+    assert versioned.replace(url, record, versioned.ABSENT)
+    assert versioned.replace(url, record, versioned.ABSENT)  # as the retry sees it
+    assert not versioned.replace(url, {**record, "owner": "other:2:ef01"}, versioned.ABSENT)
+    assert versioned.read(url)[0] == record

@@ -4,7 +4,7 @@ The sharding codec packs `chunk_rows`-row inner chunks into one object per shard
 few large objects for GCS, and random reads of single chunks through the shard index.
 No compression by default: activations barely compress and CPU time is the bottleneck.
 Every inner chunk and every shard index carries a crc32c, which TensorStore checks on
-each read: a flipped bit or a truncated shard fails the read (`read_failure` names the
+each read: a flipped bit or a truncated shard fails the read (TensorStore names the
 object) instead of reaching the trainer.
 """
 
@@ -54,7 +54,9 @@ def create_array(url: str, **layout: Any) -> None:
     try:
         ts.open(spec, create=True, open=True, context=storage.tensorstore_context()).result()
     except ValueError as err:
-        raise UserError(f"{url}: existing array does not match the harvest layout ({_brief(err)})") from None
+        if storage.is_transient(err):
+            raise storage.tensorstore_failure(url, "create the activation array", err) from None
+        raise UserError(f"{url}: existing array does not match the harvest layout ({storage.describe_error(err)})") from None
 
 
 def open_array(url: str, *, write: bool = False) -> Any:
@@ -65,15 +67,4 @@ def open_array(url: str, *, write: bool = False) -> Any:
         return ts.open(spec, open=True, read=True, write=write,
                        context=storage.tensorstore_context()).result()
     except ValueError as err:
-        raise UserError(f"{url}: cannot open activation array ({_brief(err)})") from None
-
-
-def read_failure(url: str, start: int, stop: int, err: Exception) -> UserError:
-    """A failed read of rows [start, stop) as one line: TensorStore names the damaged object
-    (digest mismatch, truncated shard) in its message."""
-    return UserError(f"{url}: cannot read rows [{start}, {stop}): {_brief(err)}")
-
-
-def _brief(err: Exception) -> str:
-    """TensorStore errors end with the whole JSON spec; keep the reason only."""
-    return str(err).split(" [tensorstore_spec=")[0]
+        raise storage.tensorstore_failure(url, "open the activation array", err) from None

@@ -23,11 +23,10 @@ def write_parquet_atomic(url: str, table: pa.Table) -> None:
 
 
 def read_parquet(url: str) -> pa.Table:
-    fs, path = storage.filesystem(url)
+    """The whole table; the bytes are fetched first (with the storage layer's retries and
+    errors), so a failure while decoding them can only mean a damaged file."""
+    data = storage.read_bytes(url)
     try:
-        with fs.open(path, "rb") as handle:
-            return pq.read_table(handle, page_checksum_verification=True)
+        return pq.read_table(io.BytesIO(data), page_checksum_verification=True)
     except (pa.ArrowInvalid, OSError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
         raise UserError(f"{url}: damaged Parquet file ({err})") from None

@@ -16,7 +16,7 @@ from gemmascope import storage
 from gemmascope.errors import UserError
 from gemmascope.models.loading import ModelInfo
 from gemmascope.store import paths
-from gemmascope.store.arrays import NUMPY_DTYPES, open_array, read_failure
+from gemmascope.store.arrays import NUMPY_DTYPES, open_array
 from gemmascope.store.layout import Layout
 from gemmascope.store.ledger import HarvestLedger
 from gemmascope.store.parquet_io import read_parquet
@@ -107,7 +107,8 @@ class ActivationStore:
         try:
             return future.result()
         except ValueError as err:  # TensorStore's DATA_LOSS and I/O failures
-            raise read_failure(paths.array_url(self.url, *key), start, stop, err) from None
+            raise storage.tensorstore_failure(paths.array_url(self.url, *key), f"read rows [{start}, {stop})",
+                                              err) from None
 
     def _read_parquet(self, key: Key, start: int, stop: int) -> np.ndarray:
         layout = self.layout
