@@ -372,6 +372,11 @@ class Config:
     def __post_init__(self) -> None:
         if not self.saes:
             raise InvalidValue("saes", [], "the SAE grid is empty")
+        for i, entry in enumerate(self.saes):
+            tokens = entry.tokens or self.train.tokens
+            if tokens < self.train.batch_size:  # zero steps: the "trained" SAE would be its initialisation
+                key = f"saes[{i}].tokens" if entry.tokens else "train.tokens"
+                raise InvalidValue(key, tokens, f"less than one batch (train.batch_size={self.train.batch_size})")
         if not self.run_dir.strip():
             raise InvalidValue("run_dir", self.run_dir, "empty run directory")
         _check_url("run_dir", self.run_dir)

@@ -228,6 +228,7 @@ OUT_OF_RANGE = st.one_of(
     _bad("eval.dense_threshold", st.floats(1.0, 1e300)),
     _bad("train.seed", st.integers(2**32, 2**63 - 1)),
     _bad("harvest.context_length", st.just(1)),
+    _bad("saes[0].tokens", st.integers(1, 1023)),  # less than one batch of either base
     _bad("saes[0].widths", st.integers(3, 2**62).filter(lambda w: w & (w - 1)).map(lambda w: [w])),
     _bad("harvest.sites", TEXT.filter(lambda s: s not in SITES).map(lambda s: ["res", s])),
     _bad("saes[0].sites", TEXT.filter(lambda s: s not in SITES).map(lambda s: [s])),

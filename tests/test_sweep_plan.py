@@ -117,7 +117,7 @@ def test_wide_saes_get_latent_sharding_and_too_wide_ones_are_refused(tmp_path):
     text = """
 saes:
   - {sites: [res], layers: [0], widths: [1048576], sparsity: [1.0e-3]}
-  - {sites: [res], layers: [0], widths: [16384], sparsity: [1.0e-3], tokens: 1000}
+  - {sites: [res], layers: [0], widths: [16384], sparsity: [1.0e-3], tokens: 8192}
 train: {batch_size: 4096}
 sweep: {accelerator: gpu, devices_per_job: 8, device_memory_gib: 80}
 """
