@@ -307,6 +307,32 @@ def test_a_bad_job_id_is_named_and_trains_nothing(synthetic_run, job):
     assert files_under(synthetic_run) == before
 
 
+@pytest.fixture(scope="module")
+def released_sae(tmp_path_factory) -> Path:
+    """A Gemma Scope params.npz that the synthetic run could import (res, layer 1, d_in 16)."""
+    import numpy as np
+
+    from gemmascope.export.gemma_scope import params_npz_bytes
+
+    folder = tmp_path_factory.mktemp("released")
+    arrays = {"W_enc": np.zeros((16, 32), np.float32), "W_dec": np.zeros((32, 16), np.float32),
+              "b_enc": np.zeros(32, np.float32), "b_dec": np.zeros(16, np.float32),
+              "threshold": np.ones(32, np.float32)}
+    (folder / "params.npz").write_bytes(params_npz_bytes(arrays))
+    return folder
+
+
+@given(name=st.sampled_from([".", "..", "../x", "a/b", ".hidden", " ", "a b", "x\ny", "/abs"])
+       | st.text(st.characters(codec="utf-8"), min_size=1, max_size=12).filter(lambda n: "/" in n or n[0] == "."))
+@examples(20)
+def test_an_import_name_that_is_not_a_plain_folder_name_writes_nothing(synthetic_run, released_sae, name):
+    before = files_under(synthetic_run)
+    argv = ["import", str(TINY), f"run_dir={synthetic_run}", "--source", str(released_sae), "--site", "res",
+            "--layer", "1", f"--name={name}"]
+    rejected(argv, synthetic_run, "bad import name", "--name", repr(name))
+    assert files_under(synthetic_run) == before
+
+
 # ---------------------------------------------------------------- through the real executable
 
 

@@ -20,7 +20,7 @@ from gemmascope.export.gemma_scope import load_params_npz, params_npz_bytes
 from gemmascope.export.saelens import CFG, WEIGHTS, read_saelens
 from gemmascope.sweep.grid import width_label
 
-_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # not ".", "..": the name is a folder under RUN/imported
 _RELEASE_PATH = re.compile(r"(?:^|/)([a-z_]+)/layer_(\d+)/width_[0-9]+[km]?/average_l0_\d+[^/]*/?$")
 
 
@@ -78,7 +78,7 @@ def run_import(config: Config, source: str, *, site: str | None = None, layer: i
     data = params_npz_bytes(released.arrays)
     name = name or f"{site}-L{layer}-w{width_label(width)}-{hashlib.sha256(data).hexdigest()[:8]}"
     if not _NAME.fullmatch(name):
-        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
+        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only, not starting with '.'")
     directory = storage.join(imported_root(config), name)
     record_url = storage.join(directory, IMPORT_RECORD)
     if storage.exists(record_url):
