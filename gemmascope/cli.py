@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -83,12 +84,22 @@ class MachineFailureEchoes(logging.Filter):
                                                 type(info.exc_value).__name__, info.exc_value)
 
 
+def _ray_address(args: argparse.Namespace) -> str | None:
+    """--ray-address, checked before the command writes anything (Ray's own retries take minutes)."""
+    from gemmascope.cluster import check_reachable
+
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
+    return args.ray_address
+
+
 def _harvest(args: argparse.Namespace) -> None:
     from gemmascope.config import load_config
     from gemmascope.harvest.driver import run_harvest
 
     config = load_config(args.config, args.overrides)
-    summary = run_harvest(config, ray_address=args.ray_address, progress=not args.no_progress)
+    summary = run_harvest(config, ray_address=_ray_address(args), progress=not args.no_progress)
     print(summary.line())
 
 
@@ -116,7 +127,7 @@ def _sweep(args: argparse.Namespace) -> None:
     from gemmascope.sweep.launcher import run_sweep
 
     config = load_config(args.config, args.overrides)
-    summary = run_sweep(config, ray_address=args.ray_address, progress=not args.no_progress,
+    summary = run_sweep(config, ray_address=_ray_address(args), progress=not args.no_progress,
                         retry_failed=args.retry_failed)
     if summary.harvest:
         print(summary.harvest)
@@ -180,7 +191,7 @@ def _demo(args: argparse.Namespace) -> None:
     path = REPO_CONFIGS / "demo.yaml"
     config = load_config(path, [f"run_dir={args.out}"])
     logging.getLogger("gemmascope").info("demo: %s -> %s (harvest, sweep, eval, export, report)", path, args.out)
-    for line in run_pipeline(config, ray_address=args.ray_address, progress=not args.no_progress):
+    for line in run_pipeline(config, ray_address=_ray_address(args), progress=not args.no_progress):
         print(line)
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 
 from gemmascope import faults
+from gemmascope.errors import UserError
 
 # Variables that point clients at emulators and caches; workers need the driver's values
 # even when they run on a cluster started elsewhere. Credentials (HF_TOKEN, Google's
@@ -33,10 +35,26 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
+def check_reachable(address: str) -> None:
+    """Fail in seconds, naming the address, when nothing listens at a host:port address:
+    `ray.init` retries a dead address for minutes. "auto" and "local" are Ray's to resolve."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as err:
+        raise UserError(f"Ray address {address}: no cluster answers there "
+                        f"({err.strerror or err}); check --ray-address or RAY_ADDRESS") from None
+
+
 def connect(address: str | None) -> None:
     """Attach to `address` (or RAY_ADDRESS), else start a local cluster; no-op if connected."""
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
     ray.init(
         address=address,
         include_dashboard=False,

@@ -240,6 +240,14 @@ def test_source_globs_that_match_nothing_stop_the_harvest_before_it_starts(patte
         assert not (tmp / "run").exists()
 
 
+@pytest.mark.parametrize("command", ["harvest", "sweep"])
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "no-such-host.invalid:6379", "ray://127.0.0.1:1"])
+def test_a_ray_address_where_nothing_answers_fails_fast_and_writes_nothing(tmp_path, command, address):
+    rejected([command, str(TINY), f"run_dir={tmp_path / 'run'}", "--ray-address", address, "--no-progress"],
+             tmp_path, "bad path", f"Ray address {address}", "no cluster answers")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("command", ["plan", "harvest"])
 def test_a_model_that_is_not_there_is_named(tmp_path, command):
     missing = tmp_path / "no-such-model"
