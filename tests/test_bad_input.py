@@ -59,10 +59,12 @@ def examples(n: int):
 def count_report(request):
     """Print how many distinct bad inputs this session tried, by kind."""
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and TRIED:
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is not None and capture is not None and TRIED:
         counts = ", ".join(f"{kind} {len(seen)}" for kind, seen in sorted(TRIED.items()))
-        reporter.write_line(f"\ntest_bad_input: {sum(map(len, TRIED.values()))} distinct bad inputs ({counts})")
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\ntest_bad_input: {sum(map(len, TRIED.values()))} distinct bad inputs ({counts})")
 
 
 # ---------------------------------------------------------------- running the CLI
