@@ -40,6 +40,13 @@ def fraction(text: str) -> float:
     return value
 
 
+def add_sae_shape(parser: argparse.ArgumentParser) -> None:
+    """--d-in, --width, --batch: the shape every training benchmark times, one default for all."""
+    parser.add_argument("--d-in", type=positive_int, default=640)
+    parser.add_argument("--width", type=positive_int, default=4096)
+    parser.add_argument("--batch", type=positive_int, default=1024)
+
+
 def add_benchmarks(commands: argparse._SubParsersAction) -> None:
     from gemmascope.bench import harvest, loader, summary, train_step
 

@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from gemmascope.bench import positive_int
+from gemmascope.bench import add_sae_shape, positive_int
 from gemmascope.bench.train_step import _time
 from gemmascope.config import TrainConfig
 from gemmascope.store import ActivationStore
@@ -29,9 +29,7 @@ from gemmascope.train.mesh import batch_sharding, make_mesh
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("loader", help="training from the store against training from memory; RSS")
-    parser.add_argument("--d-in", type=positive_int, default=640)
-    parser.add_argument("--width", type=positive_int, default=4096)
-    parser.add_argument("--batch", type=positive_int, default=1024)
+    add_sae_shape(parser)
     parser.add_argument("--rows", type=positive_int, default=262_144, help="rows in the synthetic store")
     parser.add_argument("--shuffle-rows", type=positive_int, default=65_536)
     parser.add_argument("--store-dtype", default="bfloat16", choices=["bfloat16", "float32"])

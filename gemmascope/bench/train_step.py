@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmascope.bench import fraction, positive_float, positive_int
+from gemmascope.bench import add_sae_shape, fraction, positive_float, positive_int
 from gemmascope.config import TrainConfig
 from gemmascope.train.group import Group, initial_state, make_train_step, sharded_layout
 from gemmascope.train.mesh import batch_sharding, make_mesh
@@ -32,9 +32,7 @@ from gemmascope.train.mesh import batch_sharding, make_mesh
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("train-step", help="SAE training steps/s and FLOP/s against matmul FLOP/s")
-    parser.add_argument("--d-in", type=positive_int, default=640)
-    parser.add_argument("--width", type=positive_int, default=4096)
-    parser.add_argument("--batch", type=positive_int, default=1024)
+    add_sae_shape(parser)
     parser.add_argument("--group", type=positive_int, default=1, help="SAEs trained together on each batch")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype of the activations fed to the step (the store's dtype)")
