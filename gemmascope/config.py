@@ -40,15 +40,27 @@ class ModelConfig:
     source: str = "gemma3-270m"
     # "auto": bfloat16 on a GPU, float32 on a CPU (CPUs run bf16 matmuls slowly).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # "auto": CUDA when a GPU is visible to the worker, else CPU.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "auto": CUDA when a GPU is visible to the worker, else CPU (jax: JAX's default
+    # backend, so TPU hosts use their TPUs). "tpu" needs backend jax.
+    device: Literal["auto", "cpu", "cuda", "tpu"] = "auto"
     # Hugging Face revision (branch, tag or commit) for hub ids; ignored otherwise.
     revision: str | None = None
+    # Which implementation runs the forward pass of the harvest: "torch" (transformers)
+    # or "jax" (Flax, runs on TPUs too). Both read the same checkpoint files and capture
+    # the same sites; evaluation splices SAEs into the transformers model either way.
+    backend: Literal["torch", "jax"] = "torch"
+    # jax backend: devices each attention head group / MLP slice is split over on one
+    # host; null: the smallest degree at which the weights fill at most half a device.
+    tensor_parallel: int | None = None
 
     def __post_init__(self) -> None:
         if not self.source.strip():
             raise InvalidValue("source", self.source, "empty model source")
         _check_url("source", self.source)
+        if self.device == "tpu" and self.backend != "jax":
+            raise InvalidValue("device", self.device, "TPUs run the jax backend only (set model.backend: jax)")
+        if self.tensor_parallel is not None and self.tensor_parallel < 1:
+            raise InvalidValue("tensor_parallel", self.tensor_parallel, "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,9 @@ class HarvestConfig:
     cpus_per_worker: int = 2
     # GPUs each worker reserves when the cluster has GPUs.
     gpus_per_worker: float = 1.0
+    # TPU chips each worker reserves on TPU hosts (model.backend jax): a TPU host's chips
+    # belong to one process, so this is the chips per host (4 on v4/v5p/v6e hosts).
+    tpus_per_worker: int = 4
     # Attempts per work unit before the harvest stops with the unit's error.
     max_attempts: int = 3
 
@@ -129,6 +144,7 @@ class HarvestConfig:
             "shard_rows": (self.shard_rows, 1),
             "chunk_rows": (self.chunk_rows, 1),
             "cpus_per_worker": (self.cpus_per_worker, 1),
+            "tpus_per_worker": (self.tpus_per_worker, 1),
             "max_attempts": (self.max_attempts, 1),
         }
         for key, (value, low) in positive.items():
@@ -383,9 +399,9 @@ class Config:
 
     def harvest_identity(self) -> dict:
         """Everything that decides the harvested rows (not how many workers compute them)."""
-        scheduling = ("workers", "cpus_per_worker", "gpus_per_worker", "max_attempts")
+        scheduling = ("workers", "cpus_per_worker", "gpus_per_worker", "tpus_per_worker", "max_attempts")
         return {
-            "model": to_mapping(self.model),
+            "model": {k: v for k, v in to_mapping(self.model).items() if k != "tensor_parallel"},
             "source": to_mapping(self.source),
             "harvest": {k: v for k, v in to_mapping(self.harvest).items() if k not in scheduling},
         }

@@ -1,4 +1,5 @@
-"""The Ray side of the harvest: one model actor per GPU (or per `cpus_per_worker` CPUs).
+"""The Ray side of the harvest: one model actor per TPU host (jax backend), per GPU, or
+per `cpus_per_worker` CPUs.
 
 Actors restart when their process dies (the driver re-queues the unit); the driver, not
 Ray, decides how often a unit is retried, so a failing unit ends the run with its error
@@ -19,15 +20,17 @@ from gemmascope.store.layout import Layout, ShardStats
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class HarvestActor:
     def __init__(self, config: Config, activations: str, threads: int):
-        import torch
         from transformers.utils import logging as hf_logging
 
         from gemmascope.harvest.worker import HarvestWorker
 
         hf_logging.disable_progress_bar()  # one bar per actor start is noise in the driver's log
 
-        if not torch.cuda.is_available() or config.model.device == "cpu":
-            torch.set_num_threads(threads)
+        if config.model.backend == "torch":
+            import torch
+
+            if not torch.cuda.is_available() or config.model.device == "cpu":
+                torch.set_num_threads(threads)
         self.worker = HarvestWorker(config, activations)
 
     def pid(self) -> int:
@@ -44,6 +47,10 @@ def actor_options(config: Config) -> tuple[int, dict]:
     """How many actors to start and the resources each reserves."""
     resources = ray.cluster_resources()
     h = config.harvest
+    tpus = resources.get("TPU", 0.0)
+    if tpus and config.model.backend == "jax" and config.model.device in ("auto", "tpu"):
+        count = h.workers or max(1, int(tpus // h.tpus_per_worker))
+        return count, {"resources": {"TPU": h.tpus_per_worker}, "num_cpus": 1}
     gpus = resources.get("GPU", 0.0)
     if gpus and config.model.device != "cpu":
         count = h.workers or max(1, int(gpus // h.gpus_per_worker))

@@ -13,22 +13,19 @@ from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from gemmascope.config import Config, harvest_keys
 from gemmascope.faults import crash_point
 from gemmascope.harvest.packing import ROLE_TEXT, tokenize_and_pack
 from gemmascope.harvest.sources import SourceShard, read_documents
-from gemmascope.models.capture import ActivationCapture
-from gemmascope.models.loading import LoadedModel, load_model
+from gemmascope.models.backends import ForwardBackend, open_backend
+from gemmascope.models.loading import model_info
 from gemmascope.store import paths
-from gemmascope.store.arrays import NUMPY_DTYPES, open_array
+from gemmascope.store.arrays import open_array
 from gemmascope.store.layout import Layout, ShardStats
 from gemmascope.store.parquet_io import write_parquet_atomic
 from gemmascope.store.sequences import overlapping_sequences, read_sequences, write_sequences
 from gemmascope.store.writers import ParquetRowWriter, ZarrRowWriter
-
-TORCH_STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -41,19 +38,18 @@ class UnitResult:
 
 
 class HarvestWorker:
-    def __init__(self, config: Config, activations: str, loaded: LoadedModel | None = None):
+    def __init__(self, config: Config, activations: str, backend: ForwardBackend | None = None):
         self.config = config
         self.activations = activations
-        self.loaded = loaded or load_model(config.model)
-        self.keys = harvest_keys(config.harvest, self.loaded.info.n_layers)
-        self.capture = ActivationCapture(self.loaded, self.keys)
-        self.store_dtype = TORCH_STORE_DTYPES[config.harvest.store_dtype]
+        n_layers = backend.info.n_layers if backend else model_info(config.model).n_layers
+        self.keys = tuple(harvest_keys(config.harvest, n_layers))
+        self.backend = backend or open_backend(config.model, last_layer=max(layer for _, layer in self.keys))
         self._sequences = lru_cache(maxsize=4)(read_sequences)
 
     # Phase 1 ---------------------------------------------------------------------
     def tokenize_shard(self, shard: SourceShard) -> ShardStats:
         texts = list(read_documents(shard, self.config.source.text_field))
-        packed = tokenize_and_pack(self.loaded.tokenizer, texts, self.config.harvest.context_length)
+        packed = tokenize_and_pack(self.backend.tokenizer, texts, self.config.harvest.context_length)
         write_sequences(paths.sequences_url(self.activations, shard.index), packed)
         return ShardStats(
             n_sequences=len(packed.input_ids),
@@ -68,7 +64,7 @@ class HarvestWorker:
         return overlapping_sequences(self.activations, layout, start, stop, self._sequences)
 
     def _make_writers(self, unit: int, start: int, stop: int) -> dict:
-        h, info = self.config.harvest, self.loaded.info
+        h, info = self.config.harvest, self.backend.info
         writers = {}
         for key in self.keys:
             if h.output_format == "zarr3":
@@ -93,14 +89,9 @@ class HarvestWorker:
             keep = np.stack([b[2] for b in batch]) == ROLE_TEXT
             rows = np.cumsum(keep, axis=1) - 1 + np.array([b[4] for b in batch])[:, None]
             select = keep & (rows >= start) & (rows < stop)
-            flat = torch.from_numpy(np.flatnonzero(select)).to(self.loaded.device)
-
-            def gather(t: torch.Tensor) -> torch.Tensor:
-                return t.reshape(-1, t.shape[-1]).index_select(0, flat).to(self.store_dtype)
-
-            captured = self.capture(torch.from_numpy(ids.astype(np.int64)), transform=gather)
-            for key, tensor in captured.items():
-                writers[key].append(_to_numpy(tensor))
+            captured = self.backend.capture(ids, self.keys, np.flatnonzero(select), self.config.harvest.store_dtype)
+            for key, rows_of_key in captured.items():
+                writers[key].append(rows_of_key)
             b_index, position = np.nonzero(select)
             token_columns["row"].append(rows[select])
             token_columns["sequence"].append(np.array([b[0] for b in batch])[b_index])
@@ -126,10 +117,3 @@ class HarvestWorker:
         checksums = {paths.array_key(*key): writer.crc32c for key, writer in writers.items()}
         return UnitResult(unit, stop - start, n_sequences, time.perf_counter() - began, checksums)
 
-
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU numpy view of a captured tensor; bfloat16 becomes ml_dtypes.bfloat16, bit for bit."""
-    tensor = tensor.cpu()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(NUMPY_DTYPES["bfloat16"])
-    return tensor.numpy()

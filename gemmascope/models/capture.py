@@ -15,9 +15,7 @@ from typing import Any
 import torch
 
 from gemmascope.models.loading import LoadedModel
-from gemmascope.models.sites import SITES, find_submodule
-
-Key = tuple[str, int]  # (site, layer)
+from gemmascope.models.sites import SITES, Key, find_submodule
 
 
 class _StopForward(Exception):

@@ -186,7 +186,7 @@ def resolve_source(source: str) -> str:
     raise UserError(f"{source}: model not found (expected a directory, a .gguf file, gs:// URL, hub id, or gemma3-270m / tiny-gemma2)")
 
 
-def _read_info(name: str, hf_config: Any) -> ModelInfo:
+def read_info(name: str, hf_config: Any) -> ModelInfo:
     family = SUPPORTED_MODEL_TYPES.get(hf_config.model_type)
     if family is None:
         raise UserError(
@@ -212,6 +212,21 @@ KNOWN_HUB_SHAPES = {f"google/gemma-2-{size}{variant}": shape
                     for size, shape in _GEMMA2_SHAPES.items() for variant in ("", "-it")}
 
 
+def local_checkpoint_dir(config: ModelConfig) -> str:
+    """A local directory holding the checkpoint's files: hub ids are fetched into the
+    Hugging Face cache first (readers of raw safetensors need files, not an id)."""
+    location = resolve_source(config.source)
+    if Path(location).is_dir():
+        return location
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(location, revision=config.revision,
+                                 allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as err:  # network, authentication and not-found errors all end the same way
+        raise UserError(f"{config.source}: cannot download the checkpoint ({str(err).splitlines()[0]})") from None
+
+
 def model_info(config: ModelConfig) -> ModelInfo:
     """Read the model's shape from its config only (no weights), for validation and planning."""
     from transformers import AutoConfig
@@ -224,7 +239,7 @@ def model_info(config: ModelConfig) -> ModelInfo:
         hf_config = AutoConfig.from_pretrained(location, revision=config.revision)
     except OSError as err:
         raise UserError(f"{config.source}: cannot read the model config ({err})") from None
-    return _read_info(config.source, hf_config)
+    return read_info(config.source, hf_config)
 
 
 def pick_device_and_dtype(config: ModelConfig) -> tuple[Any, Any]:
@@ -249,7 +264,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
 
     location = resolve_source(config.source)
     hf_config = AutoConfig.from_pretrained(location, revision=config.revision)
-    info = _read_info(config.source, hf_config)
+    info = read_info(config.source, hf_config)
     device, dtype = pick_device_and_dtype(config)
     # Gemma 2's soft-capping only exists on the eager path; Gemma 3 has none and runs sdpa.
     attention = "eager" if info.family == "gemma2" else "sdpa"

@@ -17,6 +17,8 @@ from typing import Literal
 
 from gemmascope.errors import UserError
 
+Key = tuple[str, int]  # (site, layer): one captured activation array
+
 
 @dataclass(frozen=True)
 class Site:

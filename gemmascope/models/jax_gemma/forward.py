@@ -1,0 +1,124 @@
+"""The JAX backend as the harvest sees it: load once, then capture sites batch by batch.
+
+One jitted function per set of requested (site, layer) keys runs the embedding and
+layers up to the last requested one and returns those activations already cast to the
+store dtype. Batches are padded to the largest batch seen (rounded up to the data-parallel
+degree) so a unit's short last batch does not compile a new program.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from gemmascope.config import ModelConfig
+from gemmascope.errors import UserError
+from gemmascope.models.jax_gemma.architecture import from_hf_config
+from gemmascope.models.jax_gemma.model import GemmaModel
+from gemmascope.models.jax_gemma.sharding import (
+    batch_sharding,
+    choose_tensor_parallel,
+    device_memory_bytes,
+    make_mesh,
+    param_bytes,
+    param_spec,
+)
+from gemmascope.models.jax_gemma.weights import load_params
+from gemmascope.models.loading import ModelInfo, local_checkpoint_dir, read_info
+from gemmascope.models.sites import Key
+
+_PLATFORMS = {"cpu": "cpu", "cuda": "gpu", "tpu": "tpu"}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def pick_devices(device: str) -> list[Any]:
+    """The devices of this process for `model.device` (auto: JAX's default backend)."""
+    if device == "auto":
+        return jax.local_devices()
+    try:
+        return jax.local_devices(backend=_PLATFORMS[device])
+    except RuntimeError:
+        raise UserError(f"model.device={device!r} but JAX sees no {_PLATFORMS[device]} device "
+                        f"(it has: {', '.join(sorted({d.platform for d in jax.devices()}))})") from None
+
+
+class JaxForward:
+    """Gemma 2 / Gemma 3 on this host's JAX devices, built up to `last_layer`
+    (None: every layer plus the LM head, for logits)."""
+
+    def __init__(self, config: ModelConfig, last_layer: int | None = None):
+        from transformers import AutoConfig, AutoTokenizer
+
+        location = Path(local_checkpoint_dir(config))
+        hf_config = AutoConfig.from_pretrained(location)
+        self.info: ModelInfo = read_info(config.source, hf_config)
+        self.arch = from_hf_config(config.source, hf_config)
+        if last_layer is not None and not 0 <= last_layer < self.arch.n_layers:
+            raise UserError(f"{config.source}: layer {last_layer} out of range (0..{self.arch.n_layers - 1})")
+        self.devices = pick_devices(config.device)
+        accelerated = self.devices[0].platform != "cpu"
+        dtype_name = config.dtype if config.dtype != "auto" else ("bfloat16" if accelerated else "float32")
+        self.dtype = _DTYPES[dtype_name]
+        self.full = last_layer is None
+        n_layers = self.arch.n_layers if self.full else last_layer + 1
+        self.module = GemmaModel(self.arch, n_layers, self.dtype)
+
+        probe = jnp.zeros((1, 1), jnp.int32)
+        expected = jax.eval_shape(
+            lambda: self.module.init(jax.random.key(0), probe, (("res", n_layers - 1),), "float32", self.full)
+        )["params"]
+        degree = config.tensor_parallel or choose_tensor_parallel(
+            self.arch, len(self.devices), param_bytes(expected), device_memory_bytes(self.devices[0]))
+        self.mesh = make_mesh(self.devices, degree, self.arch)
+
+        def place(path: tuple[str, ...], array: np.ndarray) -> jax.Array:
+            return jax.device_put(array, NamedSharding(self.mesh, param_spec(path)))
+
+        self.params = load_params(location, expected, self.dtype, place)
+        self.tokenizer = AutoTokenizer.from_pretrained(location)
+        self._batch_rows = 0
+        self._run = jax.jit(self._apply, static_argnums=(2, 3, 4))
+
+    def _apply(self, params: Any, ids: jax.Array, keys: tuple[Key, ...], out_dtype: str, logits: bool):
+        return self.module.apply({"params": params}, ids, keys, out_dtype, logits)
+
+    @property
+    def data_parallel(self) -> int:
+        return self.mesh.shape["data"]
+
+    def _place_batch(self, input_ids: np.ndarray) -> jax.Array:
+        rows = len(input_ids)
+        self._batch_rows = max(self._batch_rows, -(-rows // self.data_parallel) * self.data_parallel)
+        padded = np.zeros((self._batch_rows, input_ids.shape[1]), np.int32)
+        padded[:rows] = input_ids
+        return jax.device_put(padded, batch_sharding(self.mesh))
+
+    def run(self, input_ids: np.ndarray, keys: tuple[Key, ...],
+            out_dtype: str) -> dict[Key, np.ndarray]:
+        """Every key's activations `[batch, time, width]` as numpy arrays."""
+        captured, _ = self._run(self.params, self._place_batch(input_ids), tuple(sorted(keys)), out_dtype, False)
+        return {key: np.asarray(value)[: len(input_ids)] for key, value in captured.items()}
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """Next-token logits `[batch, time, vocab]` (float32) of the whole model."""
+        if not self.full:
+            raise ValueError("logits need the model built with every layer (last_layer=None)")
+        _, logits = self._run(self.params, self._place_batch(input_ids), (), "float32", True)
+        return np.asarray(logits)[: len(input_ids)]
+
+    def capture(self, input_ids: np.ndarray, keys: tuple[Key, ...], flat_rows: np.ndarray,
+                store_dtype: str) -> dict[Key, np.ndarray]:
+        """The activations at `keys` of the positions `flat_rows` (indices into batch x time)."""
+        out = self.run(input_ids, keys, store_dtype)
+        return {key: value.reshape(-1, value.shape[-1])[flat_rows] for key, value in out.items()}
+
+    def bare_forward(self, input_ids: np.ndarray) -> None:
+        """Every built layer, nothing captured but the last output: the harvest's baseline."""
+        last = self.module.n_layers - 1
+        out = self._run(self.params, self._place_batch(input_ids), (("res", last),), jnp.dtype(self.dtype).name, False)
+        jax.block_until_ready(out)
