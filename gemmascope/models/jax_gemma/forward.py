@@ -25,7 +25,6 @@ from gemmascope.models.jax_gemma.sharding import (
     choose_tensor_parallel,
     device_memory_bytes,
     make_mesh,
-    param_bytes,
     param_spec,
 )
 from gemmascope.models.jax_gemma.weights import load_params
@@ -73,7 +72,7 @@ class JaxForward:
             lambda: self.module.init(jax.random.key(0), probe, (("res", n_layers - 1),), "float32", self.full)
         )["params"]
         degree = config.tensor_parallel or choose_tensor_parallel(
-            self.arch, len(self.devices), param_bytes(expected), device_memory_bytes(self.devices[0]))
+            self.arch, len(self.devices), expected, device_memory_bytes(self.devices[0]))
         self.mesh = make_mesh(self.devices, degree, self.arch)
 
         def place(path: tuple[str, ...], array: np.ndarray) -> jax.Array:

@@ -35,15 +35,16 @@ def device_memory_bytes(device: Any) -> int | None:
     return (stats or {}).get("bytes_limit")
 
 
-def choose_tensor_parallel(arch: GemmaArchitecture, n_devices: int, weight_bytes: int,
+def choose_tensor_parallel(arch: GemmaArchitecture, n_devices: int, expected: Any,
                            memory_bytes: int | None) -> int:
-    """The smallest degree (a divisor of the devices and KV heads) at which a device's
-    share of the weights fits in WEIGHT_MEMORY_SHARE of its memory."""
+    """The smallest degree (a divisor of the devices and KV heads) at which one device's
+    share of the weights (split ones divided, replicated ones whole) fits in
+    WEIGHT_MEMORY_SHARE of its memory; 1 where the memory is unknown (CPU)."""
     degrees = [d for d in range(1, n_devices + 1) if n_devices % d == 0 and arch.n_kv_heads % d == 0]
     if memory_bytes is None:
         return 1
     for degree in degrees:
-        if weight_bytes / degree <= WEIGHT_MEMORY_SHARE * memory_bytes:
+        if per_device_bytes(expected, degree) <= WEIGHT_MEMORY_SHARE * memory_bytes:
             return degree
     return degrees[-1]
 
@@ -66,8 +67,14 @@ def param_spec(path: tuple[str, ...]) -> PartitionSpec:
     return PartitionSpec()
 
 
-def param_bytes(expected: Any) -> int:
-    return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(expected))
+def per_device_bytes(expected: Any, degree: int) -> int:
+    """Bytes of weights one device holds at tensor-parallel `degree`."""
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
+        names = tuple(getattr(entry, "key", str(entry)) for entry in path)
+        split = degree if param_spec(names) != PartitionSpec() else 1
+        total += math.prod(leaf.shape) * leaf.dtype.itemsize // split
+    return total
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
