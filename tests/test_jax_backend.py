@@ -11,8 +11,12 @@ window and linearly scaled global RoPE (the 4B+ setting).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +28,7 @@ from gemmascope.models.jax_gemma.forward import JaxForward
 from gemmascope.models.loading import resolve_source
 from gemmascope.models.torch_forward import TorchForward
 
+ROOT = Path(__file__).resolve().parent.parent
 SITES = ("res", "mlp", "att", "mlp_in")
 # max |jax - torch| / max |torch| per array, float32 on both sides.
 REL_TOL = 1e-4
@@ -206,3 +211,46 @@ def test_missing_weights_file_is_named(checkpoint_copy):
     (checkpoint_copy / "model.safetensors").unlink()
     with pytest.raises(UserError, match="no model.safetensors or model.safetensors.index.json"):
         _load(checkpoint_copy)
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def test_tensor_parallel_equals_data_parallel():
+    """8 CPU devices: tensor parallel 2 x data 4 against data 8, in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "jax_tensor_parallel.py")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["mesh"] == {"1": {"data": 8, "model": 1}, "2": {"data": 4, "model": 2}}
+    assert report["q_proj_shape"] == [64, 64] and report["q_proj_shard"] == [32, 64]  # heads split
+    assert report["down_proj_shard"] == [64, 64]  # [d_model, d_ff / 2]
+    assert report["shapes"] == [[5, 48, 64]]  # padding rows dropped
+    assert report["max_relative_error"] < 1e-5
+
+
+def test_tensor_parallel_degree_follows_device_memory():
+    """Gemma 2 9B in bfloat16 (~18.5 GB of weights) on hosts of 8 devices."""
+    import jax
+    from transformers import Gemma2Config
+
+    from gemmascope.models.jax_gemma.architecture import from_hf_config
+    from gemmascope.models.jax_gemma.model import GemmaModel
+    from gemmascope.models.jax_gemma.sharding import choose_tensor_parallel, per_device_bytes
+
+    hf = Gemma2Config(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256)
+    arch = from_hf_config("gemma-2-9b", hf)
+    module = GemmaModel(arch, arch.n_layers, jax.numpy.bfloat16)
+    expected = jax.eval_shape(lambda: module.init(jax.random.key(0), jax.numpy.zeros((1, 1), "int32"),
+                                                  (), "float32", True))["params"]
+    total = per_device_bytes(expected, 1)
+    assert 18.0e9 < total < 19.0e9
+    gib = 2**30
+    assert choose_tensor_parallel(arch, 8, expected, 80 * gib) == 1   # H100: fits whole
+    assert choose_tensor_parallel(arch, 8, expected, 16 * gib) == 4   # TPU v5e (16 GiB): 1/2 still > 8 GiB
+    assert choose_tensor_parallel(arch, 8, expected, None) == 1       # CPU: no memory figure
+    # The embedding stays whole on every device: a degree never divides it away.
+    assert per_device_bytes(expected, 8) > 256000 * 3584 * 2
