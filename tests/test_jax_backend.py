@@ -254,3 +254,20 @@ def test_tensor_parallel_degree_follows_device_memory():
     assert choose_tensor_parallel(arch, 8, expected, None) == 1       # CPU: no memory figure
     # The embedding stays whole on every device: a degree never divides it away.
     assert per_device_bytes(expected, 8) > 256000 * 3584 * 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_harvest_names_the_bad_tensor_before_starting_workers(checkpoint_copy, tmp_path, backend):
+    """transformers alone would fill a missing tensor with random values and harvest on."""
+    from tests.harvest_helpers import cli
+
+    file = checkpoint_copy / "model.safetensors"
+    header, data = _read_safetensors(file)
+    del header["model.layers.3.post_feedforward_layernorm.weight"]
+    _write_safetensors(file, header, data)
+    result = cli("harvest", str(ROOT / "configs" / "tiny-gemma2.yaml"), f"run_dir={tmp_path / 'run'}",
+                 f"model.source={checkpoint_copy}", f"model.backend={backend}", "--no-progress")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "tensor model.layers.3.post_feedforward_layernorm.weight is missing" in last, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "activations" / "ledger.json").exists()

@@ -24,6 +24,7 @@ from gemmascope.config import Config, harvest_keys
 from gemmascope.errors import ConfigError, UserError
 from gemmascope.harvest.actors import HarvestActor, actor_options
 from gemmascope.harvest.sources import SourceShard, list_shards
+from gemmascope.models.checkpoint_check import check_checkpoint
 from gemmascope.models.loading import ModelInfo, model_info
 from gemmascope.store import paths
 from gemmascope.store.arrays import create_array
@@ -121,6 +122,7 @@ class _Pool:
                 self.idle.append(actor)
                 self.failed_pings.pop(actor, None)
             except RayActorError as err:
+                _raise_if_init_failed(err)
                 self.failed_pings[actor] = self.failed_pings.get(actor, 0) + 1
                 if self.failed_pings[actor] * self.PING_INTERVAL_S > self.RESTART_TIMEOUT_S:
                     raise UserError(f"a harvest worker did not come back after dying: {_cause(err)!r}") from None
@@ -131,12 +133,24 @@ class _Pool:
         try:
             result = ray.get(ref)
         except RayActorError as err:  # the process died: restart, then reuse
+            _raise_if_init_failed(err)
             self._ping(actor)
             return item, err
         except RayTaskError as err:
             result = err
         self.idle.append(actor)
         return item, result
+
+
+def _raise_if_init_failed(err: RayActorError) -> None:
+    """A worker whose constructor raised (no such device, unreadable weights) fails the
+    same way on every restart: stop with its error instead of waiting for a restart."""
+    if not err.actor_init_failed:
+        return
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    kind, _, message = lines[-1].partition(": ")
+    reason = message if kind.endswith("UserError") and message else lines[-1]
+    raise UserError(f"a harvest worker could not start: {reason}")
 
 
 def _cause(err: Exception) -> BaseException:
@@ -176,6 +190,8 @@ def run_harvest(config: Config, *, ray_address: str | None = None, progress: boo
         raise ConfigError(f"{config.origin}: run_dir={config.run_dir!r}: memory:// is private to one process; Ray workers need a path or gs://")
     info = model_info(config.model)
     check_layers(config, info)
+    last_layer = max(layer for _, layer in harvest_keys(config.harvest, info.n_layers))
+    check_checkpoint(config.model, last_layer if config.model.backend == "jax" else None)
     shards = list_shards(config.source)
     storage.makedirs(activations)
     storage.check_writable(activations)

@@ -262,9 +262,12 @@ def load_model(config: ModelConfig) -> LoadedModel:
     """Load weights and tokenizer; Gemma 2 gets eager attention (logit soft-capping)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from gemmascope.models.checkpoint_check import check_checkpoint
+
     location = resolve_source(config.source)
     hf_config = AutoConfig.from_pretrained(location, revision=config.revision)
     info = read_info(config.source, hf_config)
+    check_checkpoint(config)  # transformers would fill a missing tensor with random values
     device, dtype = pick_device_and_dtype(config)
     # Gemma 2's soft-capping only exists on the eager path; Gemma 3 has none and runs sdpa.
     attention = "eager" if info.family == "gemma2" else "sdpa"

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from gemmascope.config import ModelConfig
 from gemmascope.errors import UserError
 from gemmascope.models.jax_gemma.architecture import from_hf_config
-from gemmascope.models.jax_gemma.model import GemmaModel
+from gemmascope.models.jax_gemma.model import GemmaModel, expected_params
 from gemmascope.models.jax_gemma.sharding import (
     batch_sharding,
     choose_tensor_parallel,
@@ -67,10 +67,7 @@ class JaxForward:
         n_layers = self.arch.n_layers if self.full else last_layer + 1
         self.module = GemmaModel(self.arch, n_layers, self.dtype)
 
-        probe = jnp.zeros((1, 1), jnp.int32)
-        expected = jax.eval_shape(
-            lambda: self.module.init(jax.random.key(0), probe, (("res", n_layers - 1),), "float32", self.full)
-        )["params"]
+        expected = expected_params(self.arch, n_layers, self.dtype)
         degree = config.tensor_parallel or choose_tensor_parallel(
             self.arch, len(self.devices), expected, device_memory_bytes(self.devices[0]))
         self.mesh = make_mesh(self.devices, degree, self.arch)

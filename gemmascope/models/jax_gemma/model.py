@@ -70,3 +70,11 @@ class GemmaModel(nn.Module):
         out = self.embed_tokens.attend(self.norm(x)).astype(jnp.float32)
         cap = self.arch.final_logit_softcap
         return captured, (out if cap is None else jnp.tanh(out / cap) * cap)
+
+
+def expected_params(arch: GemmaArchitecture, n_layers: int, dtype: Any) -> Any:
+    """The parameter tree (shapes and dtypes only) of a model built with `n_layers`."""
+    module = GemmaModel(arch, n_layers, dtype)
+    full = n_layers == arch.n_layers
+    probe = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), probe, (("res", n_layers - 1),), "float32", full))["params"]

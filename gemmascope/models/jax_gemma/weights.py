@@ -121,14 +121,10 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
     return tree
 
 
-def load_params(directory: Path, expected: Mapping[str, Any], dtype: Any,
-                place: Callable[[tuple[str, ...], np.ndarray], Any]) -> dict[str, Any]:
-    """The parameter tree shaped like `expected` (a tree of ShapeDtypeStructs), read from
-    `directory`, cast to `dtype`, each leaf handed to `place(path, array)` (device_put
-    with its sharding) as soon as it is read, so host memory holds one tensor at a time."""
+def check_tensors(directory: Path, expected: Mapping[str, Any]) -> dict[str, TensorEntry]:
+    """The checkpoint's tensors, after checking every expected one exists with its shape."""
     tensors = checkpoint_tensors(directory)
-    wanted = _flatten(expected)
-    for path, spec in wanted.items():
+    for path, spec in _flatten(expected).items():
         name = hf_name(path)
         entry = tensors.get(name)
         if entry is None:
@@ -136,7 +132,15 @@ def load_params(directory: Path, expected: Mapping[str, Any], dtype: Any,
         if entry.shape != tuple(spec.shape):
             raise UserError(f"{entry.path}: tensor {name} has shape {list(entry.shape)}, "
                             f"expected {list(spec.shape)} from config.json")
-    placed = {}
-    for path in wanted:
-        placed[path] = place(path, tensors[hf_name(path)].read().astype(dtype, copy=False))
+    return tensors
+
+
+def load_params(directory: Path, expected: Mapping[str, Any], dtype: Any,
+                place: Callable[[tuple[str, ...], np.ndarray], Any]) -> dict[str, Any]:
+    """The parameter tree shaped like `expected` (a tree of ShapeDtypeStructs), read from
+    `directory`, cast to `dtype`, each leaf handed to `place(path, array)` (device_put
+    with its sharding) as soon as it is read, so host memory holds one tensor at a time."""
+    tensors = check_tensors(directory, expected)
+    placed = {path: place(path, tensors[hf_name(path)].read().astype(dtype, copy=False))
+              for path in _flatten(expected)}
     return _unflatten(placed)
