@@ -84,13 +84,17 @@ class HarvestWorker:
         n_sequences = 0
         batch: list = []
 
-        def run(batch: list) -> None:
+        def launch(batch: list):
+            """Start the forward of `batch`; the jax backend returns before it finishes."""
             ids = np.stack([b[1] for b in batch])
             keep = np.stack([b[2] for b in batch]) == ROLE_TEXT
             rows = np.cumsum(keep, axis=1) - 1 + np.array([b[4] for b in batch])[:, None]
             select = keep & (rows >= start) & (rows < stop)
-            captured = self.backend.capture(ids, self.keys, np.flatnonzero(select), self.config.harvest.store_dtype)
-            for key, rows_of_key in captured.items():
+            pending = self.backend.launch(ids, self.keys, np.flatnonzero(select), self.config.harvest.store_dtype)
+            return pending, batch, ids, rows, select
+
+        def finish(pending, batch: list, ids: np.ndarray, rows: np.ndarray, select: np.ndarray) -> None:
+            for key, rows_of_key in self.backend.collect(pending).items():
                 writers[key].append(rows_of_key)
             b_index, position = np.nonzero(select)
             token_columns["row"].append(rows[select])
@@ -99,14 +103,24 @@ class HarvestWorker:
             token_columns["token"].append(ids[select])
             token_columns["document"].append(np.stack([b[3] for b in batch])[select].astype(np.int64))
 
+        # One batch in flight: the next forward runs while the last one's rows are copied
+        # to the host and handed to the writers.
+        in_flight = None
         for item in self.unit_sequences(layout, start, stop):
             batch.append(item)
             n_sequences += 1
             if len(batch) == self.config.harvest.batch_size:
-                run(batch)
-                batch = []
+                launched = launch(batch)
+                if in_flight:
+                    finish(*in_flight)
+                in_flight, batch = launched, []
         if batch:
-            run(batch)
+            launched = launch(batch)
+            if in_flight:
+                finish(*in_flight)
+            in_flight = launched
+        if in_flight:
+            finish(*in_flight)
         for writer in writers.values():
             writer.close()
         crash_point("harvest.unit_arrays_written")

@@ -21,10 +21,19 @@ class ForwardBackend(Protocol):
     info: ModelInfo
     tokenizer: Any
 
+    def launch(self, input_ids: np.ndarray, keys: tuple[Key, ...], flat_rows: np.ndarray,
+               store_dtype: str) -> Any:
+        """Start the forward of token ids `[batch, time]`, keeping the positions
+        `flat_rows` (indices into the flattened batch x time); may return before it ends."""
+        ...
+
+    def collect(self, pending: Any) -> dict[Key, np.ndarray]:
+        """`{key: [len(flat_rows), width]}` in the store dtype, of a launched forward."""
+        ...
+
     def capture(self, input_ids: np.ndarray, keys: tuple[Key, ...], flat_rows: np.ndarray,
                 store_dtype: str) -> dict[Key, np.ndarray]:
-        """`{key: [len(flat_rows), width]}` for token ids `[batch, time]`; `flat_rows`
-        index the flattened batch x time positions to keep."""
+        """launch + collect."""
         ...
 
     def bare_forward(self, input_ids: np.ndarray) -> None:

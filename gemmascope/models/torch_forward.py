@@ -25,9 +25,9 @@ class TorchForward:
         self.tokenizer = self.loaded.tokenizer
         self._captures: dict[tuple[Key, ...], ActivationCapture] = {}
 
-    def capture(self, input_ids: np.ndarray, keys: tuple[Key, ...], flat_rows: np.ndarray,
-                store_dtype: str) -> dict[Key, np.ndarray]:
-        """The activations at `keys` of the positions `flat_rows` (indices into batch x time)."""
+    def launch(self, input_ids: np.ndarray, keys: tuple[Key, ...], flat_rows: np.ndarray,
+               store_dtype: str) -> dict[Key, np.ndarray]:
+        """Runs the forward to the end (the hooks gather `flat_rows` on the device)."""
         capture = self._captures.get(keys) or self._captures.setdefault(keys, ActivationCapture(self.loaded, keys))
         flat = torch.from_numpy(flat_rows).to(self.loaded.device)
         dtype = TORCH_STORE_DTYPES[store_dtype]
@@ -37,6 +37,13 @@ class TorchForward:
 
         captured = capture(torch.from_numpy(input_ids.astype(np.int64)), transform=gather)
         return {key: _to_numpy(tensor) for key, tensor in captured.items()}
+
+    def collect(self, pending: dict[Key, np.ndarray]) -> dict[Key, np.ndarray]:
+        return pending
+
+    def capture(self, input_ids: np.ndarray, keys: tuple[Key, ...], flat_rows: np.ndarray,
+                store_dtype: str) -> dict[Key, np.ndarray]:
+        return self.launch(input_ids, keys, flat_rows, store_dtype)
 
     def bare_forward(self, input_ids: np.ndarray) -> None:
         bare_forward(self.loaded, torch.from_numpy(input_ids.astype(np.int64)))

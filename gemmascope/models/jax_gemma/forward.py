@@ -107,11 +107,25 @@ class JaxForward:
         _, logits = self._run(self.params, self._place_batch(input_ids), (), "float32", True)
         return np.asarray(logits)[: len(input_ids)]
 
+    def launch(self, input_ids: np.ndarray, keys: tuple[Key, ...], flat_rows: np.ndarray,
+               store_dtype: str) -> tuple[dict[Key, jax.Array], int, np.ndarray]:
+        """Dispatch the forward (JAX runs it asynchronously) and return at once."""
+        captured, _ = self._run(self.params, self._place_batch(input_ids), tuple(sorted(keys)), store_dtype, False)
+        return captured, len(input_ids), flat_rows
+
+    def collect(self, pending: tuple[dict[Key, jax.Array], int, np.ndarray]) -> dict[Key, np.ndarray]:
+        """Wait for a launched forward; the kept positions of each key, on the host."""
+        captured, rows, flat_rows = pending
+        out = {}
+        for key, value in captured.items():
+            host = np.asarray(value)[:rows]
+            out[key] = host.reshape(-1, host.shape[-1])[flat_rows]
+        return out
+
     def capture(self, input_ids: np.ndarray, keys: tuple[Key, ...], flat_rows: np.ndarray,
                 store_dtype: str) -> dict[Key, np.ndarray]:
         """The activations at `keys` of the positions `flat_rows` (indices into batch x time)."""
-        out = self.run(input_ids, keys, store_dtype)
-        return {key: value.reshape(-1, value.shape[-1])[flat_rows] for key, value in out.items()}
+        return self.collect(self.launch(input_ids, keys, flat_rows, store_dtype))
 
     def bare_forward(self, input_ids: np.ndarray) -> None:
         """Every built layer, nothing captured but the last output: the harvest's baseline."""
