@@ -126,6 +126,8 @@ def test_a_harvest_builds_only_the_layers_it_needs(tmp_path):
     a, b = shallow.run(ids, keys, "float32"), full.run(ids, keys, "float32")
     for key in keys:
         np.testing.assert_array_equal(a[key], b[key])
+    # Short batches are padded to a power of two: few programs, at most 2x the work.
+    assert [full.padded_rows(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
 
 
 # --------------------------------------------------------------------------- bad checkpoints

@@ -71,12 +71,11 @@ def device_info(backend: Any) -> dict:
 
 
 def computed_positions(backend: Any, batches: list[np.ndarray]) -> int:
-    """Positions the forward actually runs: JAX pads every batch to the largest seen
-    (rounded up to its data-parallel degree) so a short last batch costs a full one."""
-    if not hasattr(backend, "data_parallel"):
+    """Positions the forward actually runs: JAX pads a batch to a power of two rows per
+    device (`JaxForward.padded_rows`), so a short last batch costs more than its rows."""
+    if not hasattr(backend, "padded_rows"):
         return sum(b.size for b in batches)
-    rows = -(-max(len(b) for b in batches) // backend.data_parallel) * backend.data_parallel
-    return len(batches) * rows * batches[0].shape[1]
+    return sum(backend.padded_rows(len(b)) * b.shape[1] for b in batches)
 
 
 def _stored(worker: Any, key: tuple[str, int], n_rows: int) -> np.ndarray:
@@ -132,11 +131,12 @@ def measure(args: argparse.Namespace) -> dict:
                 raise RuntimeError(f"backends disagree on the arrays: {workers[name].keys} vs {worker.keys}")
 
         # First calls, untimed in the repetitions: JAX compiles the bare and the capture
-        # programs here (batches are padded to the largest seen, batch 0 is the largest).
+        # programs here; the timed harvests reuse them (the unit's last batch included).
         first_call: dict[str, dict[str, float]] = {}
         for name in names:
             began = time.perf_counter()
-            workers[name].backend.bare_forward(batches[0])
+            for batch in {len(b): b for b in batches}.values():  # every batch size once
+                workers[name].backend.bare_forward(batch)
             bare_first = time.perf_counter() - began
             began = time.perf_counter()
             workers[name].harvest_unit(0, layout)

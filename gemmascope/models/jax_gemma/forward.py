@@ -2,8 +2,8 @@
 
 One jitted function per set of requested (site, layer) keys runs the embedding and
 layers up to the last requested one and returns those activations already cast to the
-store dtype. Batches are padded to the largest batch seen (rounded up to the data-parallel
-degree) so a unit's short last batch does not compile a new program.
+store dtype. A batch is padded to a power of two sequences per device, so the short
+batches at the ends of units compile a handful of programs, not one per size.
 """
 
 from __future__ import annotations
@@ -77,7 +77,6 @@ class JaxForward:
 
         self.params = load_params(location, expected, self.dtype, place)
         self.tokenizer = AutoTokenizer.from_pretrained(location)
-        self._batch_rows = 0
         self._run = jax.jit(self._apply, static_argnums=(2, 3, 4))
 
     def _apply(self, params: Any, ids: jax.Array, keys: tuple[Key, ...], out_dtype: str, logits: bool):
@@ -87,11 +86,16 @@ class JaxForward:
     def data_parallel(self) -> int:
         return self.mesh.shape["data"]
 
+    def padded_rows(self, rows: int) -> int:
+        """The batch a forward of `rows` sequences computes: rows per device rounded up
+        to a power of two, so a unit's short last batch compiles one of a few programs
+        and computes at most twice its rows."""
+        per_device = -(-rows // self.data_parallel)
+        return (1 << (per_device - 1).bit_length()) * self.data_parallel
+
     def _place_batch(self, input_ids: np.ndarray) -> jax.Array:
-        rows = len(input_ids)
-        self._batch_rows = max(self._batch_rows, -(-rows // self.data_parallel) * self.data_parallel)
-        padded = np.zeros((self._batch_rows, input_ids.shape[1]), np.int32)
-        padded[:rows] = input_ids
+        padded = np.zeros((self.padded_rows(len(input_ids)), input_ids.shape[1]), np.int32)
+        padded[: len(input_ids)] = input_ids
         return jax.device_put(padded, batch_sharding(self.mesh))
 
     def run(self, input_ids: np.ndarray, keys: tuple[Key, ...],
