@@ -34,17 +34,18 @@ def harvest(run_dir, *overrides) -> ActivationStore:
     return store
 
 
-@pytest.fixture(scope="module")
-def stores(ray_address, tmp_path_factory):
-    root = tmp_path_factory.mktemp("backends")
-    return {(backend, dtype): harvest(root / f"{backend}-{dtype}", f"model.backend={backend}",
-                                      f"harvest.store_dtype={dtype}")
-            for backend in ("torch", "jax") for dtype in ("float32", "bfloat16")}
+@pytest.fixture(scope="module", params=["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+def store_pair(request, ray_address, tmp_path_factory):
+    """(torch store, jax store) of the same harvest, stored in the param's dtype."""
+    dtype = request.param
+    root = tmp_path_factory.mktemp(f"backends-{dtype}")
+    pair = tuple(harvest(root / backend, f"model.backend={backend}", f"harvest.store_dtype={dtype}")
+                 for backend in ("torch", "jax"))
+    return dtype, *pair
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_jax_store_equals_torch_store(stores, dtype):
-    torch_store, jax_store = stores[("torch", dtype)], stores[("jax", dtype)]
+def test_jax_store_equals_torch_store(store_pair):
+    dtype, torch_store, jax_store = store_pair
     assert jax_store.keys == torch_store.keys and len(jax_store.keys) == 16
     assert jax_store.ledger.data["layout"] == torch_store.ledger.data["layout"]
     assert jax_store.token_table().equals(torch_store.token_table())
@@ -59,11 +60,8 @@ def test_jax_store_equals_torch_store(stores, dtype):
             # neighbouring bfloat16 numbers (2^-7 relative apart).
             assert (np.abs(got - want) <= np.abs(want) * 2.0**-7 + 1e-5 * np.abs(want).max()).all(), key
             assert (got == want).mean() > 0.95, key
-
-
-def test_stores_of_the_two_backends_have_their_own_fingerprint(stores):
-    """Resuming a torch store with the jax backend is refused: rows would mix two numerics."""
-    assert stores[("torch", "float32")].ledger.data["fingerprint"] != stores[("jax", "float32")].ledger.data["fingerprint"]
+    # Resuming a torch store with the jax backend is refused: rows would mix two numerics.
+    assert torch_store.ledger.data["fingerprint"] != jax_store.ledger.data["fingerprint"]
 
 
 def test_tpu_host_workers_request_tpu_chips(tmp_path):
