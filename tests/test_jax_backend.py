@@ -273,3 +273,22 @@ def test_harvest_names_the_bad_tensor_before_starting_workers(checkpoint_copy, t
     last = result.stderr.strip().splitlines()[-1]
     assert "tensor model.layers.3.post_feedforward_layernorm.weight is missing" in last, result.stderr[-2000:]
     assert not (tmp_path / "run" / "activations" / "ledger.json").exists()
+
+
+def test_bfloat16_forward_stays_within_bfloat16_error_of_float32():
+    """The dtype accelerators harvest in: each backend's bfloat16 run against its own
+    float32 run, and the two bfloat16 runs against each other, at every site and layer."""
+    ids = np.random.default_rng(11).integers(3, 5000, (2, 80))
+    ids[:, 0] = BOS
+    keys = tuple((site, layer) for layer in range(4) for site in SITES)
+    rows = np.arange(ids.size)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        config = ModelConfig(source="tiny-gemma2", device="cpu", dtype=dtype, backend="jax")
+        runs[("jax", dtype)] = JaxForward(config).capture(ids, keys, rows, "float32")
+        runs[("torch", dtype)] = TorchForward(config).capture(ids, keys, rows, "float32")
+    for key in keys:
+        for backend in ("jax", "torch"):
+            error = relative_error(runs[(backend, "bfloat16")][key], runs[(backend, "float32")][key].astype(np.float64))
+            assert 1e-4 < error < 0.05, (backend, key, error)  # bfloat16 really ran, and ran right
+        assert relative_error(runs[("jax", "bfloat16")][key], runs[("torch", "bfloat16")][key]) < 0.05, key
