@@ -292,3 +292,29 @@ def test_bfloat16_forward_stays_within_bfloat16_error_of_float32():
             error = relative_error(runs[(backend, "bfloat16")][key], runs[(backend, "float32")][key].astype(np.float64))
             assert 1e-4 < error < 0.05, (backend, key, error)  # bfloat16 really ran, and ran right
         assert relative_error(runs[("jax", "bfloat16")][key], runs[("torch", "bfloat16")][key]) < 0.05, key
+
+
+@pytest.mark.parametrize("size", ["2b", "9b", "27b"])
+def test_released_gemma2_shapes_match_transformers(size):
+    """Every parameter of the released 2B / 9B / 27B (SPEC.md section 8) exists in the
+    Flax tree under the checkpoint's name with transformers' shape (built on the meta
+    device: shapes only, no memory)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from gemmascope.models.jax_gemma.architecture import from_hf_config
+    from gemmascope.models.jax_gemma.model import expected_params
+    from gemmascope.models.jax_gemma.weights import flatten_tree, hf_name
+
+    dims = {"2b": (2304, 26, 8, 4, 256, 9216, 256), "9b": (3584, 42, 16, 8, 256, 14336, 256),
+            "27b": (4608, 46, 32, 16, 128, 36864, 144)}[size]
+    d_model, layers, heads, kv_heads, head_dim, d_ff, scalar = dims
+    hf = Gemma2Config(vocab_size=256000, hidden_size=d_model, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=d_ff,
+                      query_pre_attn_scalar=scalar)
+    with torch.device("meta"):
+        reference = {name: tuple(p.shape) for name, p in Gemma2ForCausalLM(hf).named_parameters()}
+    reference.pop("lm_head.weight", None)  # tied to the embedding
+    ours = {hf_name(path): tuple(leaf.shape)
+            for path, leaf in flatten_tree(expected_params(from_hf_config(size, hf), layers, np.float32)).items()}
+    assert ours == reference
+    print(f"gemma-2-{size}: {sum(int(np.prod(s)) for s in ours.values()):,} parameters")

@@ -101,17 +101,17 @@ def hf_name(path: tuple[str, ...]) -> str:
     return "model." + ".".join(parts)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+def flatten_tree(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
     flat = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, (*prefix, key)))
+            flat.update(flatten_tree(value, (*prefix, key)))
         else:
             flat[(*prefix, key)] = value
     return flat
 
 
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+def unflatten_tree(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for path, value in flat.items():
         node = tree
@@ -124,7 +124,7 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
 def check_tensors(directory: Path, expected: Mapping[str, Any]) -> dict[str, TensorEntry]:
     """The checkpoint's tensors, after checking every expected one exists with its shape."""
     tensors = checkpoint_tensors(directory)
-    for path, spec in _flatten(expected).items():
+    for path, spec in flatten_tree(expected).items():
         name = hf_name(path)
         entry = tensors.get(name)
         if entry is None:
@@ -142,5 +142,5 @@ def load_params(directory: Path, expected: Mapping[str, Any], dtype: Any,
     with its sharding) as soon as it is read, so host memory holds one tensor at a time."""
     tensors = check_tensors(directory, expected)
     placed = {path: place(path, tensors[hf_name(path)].read().astype(dtype, copy=False))
-              for path in _flatten(expected)}
-    return _unflatten(placed)
+              for path in flatten_tree(expected)}
+    return unflatten_tree(placed)
