@@ -120,6 +120,9 @@ class HarvestConfig:
     tpus_per_worker: int = 4
     # Attempts per work unit before the harvest stops with the unit's error.
     max_attempts: int = 3
+    # Harvest workers that share one node's network (GPUs per node / gpus_per_worker, or 1
+    # on TPU hosts); `plan` multiplies one worker's write rate by it for the per-node rate.
+    workers_per_node: int = 1
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.sites if s not in SITES]
@@ -146,6 +149,7 @@ class HarvestConfig:
             "cpus_per_worker": (self.cpus_per_worker, 1),
             "tpus_per_worker": (self.tpus_per_worker, 1),
             "max_attempts": (self.max_attempts, 1),
+            "workers_per_node": (self.workers_per_node, 1),
         }
         for key, (value, low) in positive.items():
             if value < low:
@@ -370,6 +374,36 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """How the activation store is read and written: TensorStore request parallelism and
+    the per-node bandwidth `plan` checks the harvest against. Scheduling only: none of it
+    changes a stored value, so none of it is part of the harvest fingerprint."""
+
+    # Concurrent HTTP requests TensorStore keeps in flight to GCS per process (its
+    # `gcs_request_concurrency` context resource; TensorStore's own default is 32). A shard
+    # write or a block read is one request, so this bounds a harvest worker's and a
+    # loader's parallel transfers to gs:// stores.
+    gcs_request_concurrency: int = 32
+    # Concurrent local file operations (TensorStore's `file_io_concurrency`); null:
+    # TensorStore's default, max(4, CPU count).
+    file_io_concurrency: int | None = None
+    # Write bandwidth one node may spend on the harvest, in MiB/s; `plan` warns when the
+    # estimated harvest write rate per node exceeds it. Assumption behind the default: a
+    # GCP VM reaches GCS at several Gbit/s (per-VM egress is 2 Gbit/s per vCPU, capped at
+    # 16-32 Gbit/s without Tier_1 networking), so ~8 Gbit/s = 1000 MiB/s is a safe budget.
+    # null: no check.
+    node_write_bandwidth_mib_s: float | None = 1000.0
+
+    def __post_init__(self) -> None:
+        if self.gcs_request_concurrency < 1:
+            raise InvalidValue("gcs_request_concurrency", self.gcs_request_concurrency, "must be >= 1")
+        if self.file_io_concurrency is not None and self.file_io_concurrency < 1:
+            raise InvalidValue("file_io_concurrency", self.file_io_concurrency, "must be >= 1")
+        if self.node_write_bandwidth_mib_s is not None and not self.node_write_bandwidth_mib_s > 0:
+            raise InvalidValue("node_write_bandwidth_mib_s", self.node_write_bandwidth_mib_s, "must be > 0")
+
+
+@dataclass(frozen=True)
 class Config:
     # Where every output of the run goes: a local path, file://, gs:// or memory:// URL.
     run_dir: str = "runs/default"
@@ -382,6 +416,8 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    # Store I/O parallelism and bandwidth (scheduling only: not part of any fingerprint).
+    storage: StorageConfig = field(default_factory=StorageConfig)
     # The file this config came from (for error messages); not part of its identity.
     origin: str = field(default="<defaults>", compare=False)
 
@@ -399,7 +435,8 @@ class Config:
 
     def harvest_identity(self) -> dict:
         """Everything that decides the harvested rows (not how many workers compute them)."""
-        scheduling = ("workers", "cpus_per_worker", "gpus_per_worker", "tpus_per_worker", "max_attempts")
+        scheduling = ("workers", "cpus_per_worker", "gpus_per_worker", "tpus_per_worker", "max_attempts",
+                      "workers_per_node")
         return {
             "model": {k: v for k, v in to_mapping(self.model).items() if k != "tensor_parallel"},
             "source": to_mapping(self.source),

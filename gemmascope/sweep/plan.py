@@ -5,6 +5,17 @@ Storage is rows x d_in x bytes per value, summed over the arrays the harvest wri
 harvest is unbounded). Compute is 10 x tokens x d_in x width FLOPs per SAE (the dense
 training step; the harvest's forward passes are not counted), and device-hours divide it
 by sweep.device_flops x sweep.utilisation.
+
+The harvest write rate per node is an estimate of what the store must absorb: one
+worker forwards tokens at sweep.device_flops x sweep.utilisation / (forward FLOPs per
+token), every token becomes one row of every harvested array, and
+harvest.workers_per_node workers share a node's network. Forward FLOPs per token are
+2 x the weights of the layers up to the last harvested one, each layer taken as
+attention (q, k, v, o: 4 x d_model x n_heads x head_dim; k and v as if there were as
+many key/value heads as query heads, an upper bound under grouped-query attention) and
+a gated MLP of width 4 x d_model (3 x 4 x d_model^2); attention scores, norms and the
+embedding lookup are left out. `plan` warns when the rate exceeds
+storage.node_write_bandwidth_mib_s.
 """
 
 from __future__ import annotations
@@ -43,6 +54,8 @@ def describe(config: Config, info: ModelInfo, jobs: list[Job]) -> dict:
     bytes_per_row = sum(a["d_in"] for a in arrays) * BYTES_PER_VALUE[harvest.store_dtype]
     flops = sum(job.flops() for job in jobs)
     rate = config.sweep.device_flops * config.sweep.utilisation
+    write = harvest_write_rate(config, info, bytes_per_row, max((layer for _, layer in
+                                                                  harvest_keys(harvest, info.n_layers)), default=0))
     return {
         "config": config.origin,
         "model": {"name": info.name, "n_layers": info.n_layers, "d_model": info.d_model},
@@ -58,7 +71,39 @@ def describe(config: Config, info: ModelInfo, jobs: list[Job]) -> dict:
         "training_flops": flops,
         "flop_rate": {"device_flops": config.sweep.device_flops, "utilisation": config.sweep.utilisation},
         "device_hours": flops / rate / 3600,
+        "harvest_forward_flops_per_token": write["flops_per_token"],
+        "harvest_tokens_per_s_per_worker": write["tokens_per_s"],
+        "harvest_workers_per_node": harvest.workers_per_node,
+        "harvest_write_mib_s_per_node": write["mib_s"],
+        "node_write_bandwidth_mib_s": config.storage.node_write_bandwidth_mib_s,
+        "warnings": bandwidth_warnings(config, write["mib_s"]),
     }
+
+
+def forward_flops_per_token(info: ModelInfo, last_layer: int) -> float:
+    """Forward FLOPs per token through decoder layers 0..last_layer (see the module doc)."""
+    d, heads = info.d_model, info.n_heads * info.head_dim
+    return 2.0 * (last_layer + 1) * (4 * d * heads + 12 * d * d)
+
+
+def harvest_write_rate(config: Config, info: ModelInfo, bytes_per_row: int, last_layer: int) -> dict:
+    """One harvest worker's forward tokens/s and the write rate of a node's workers (MiB/s)."""
+    per_token = forward_flops_per_token(info, last_layer)
+    tokens_per_s = config.sweep.device_flops * config.sweep.utilisation / per_token
+    mib_s = tokens_per_s * bytes_per_row * config.harvest.workers_per_node / 2**20
+    return {"flops_per_token": per_token, "tokens_per_s": tokens_per_s, "mib_s": mib_s}
+
+
+def bandwidth_warnings(config: Config, mib_s: float) -> list[str]:
+    budget = config.storage.node_write_bandwidth_mib_s
+    if budget is None or mib_s <= budget:
+        return []
+    h = config.harvest
+    return [f"harvest writes an estimated {mib_s:,.0f} MiB/s per node ({h.workers_per_node} worker(s) per node), "
+            f"more than storage.node_write_bandwidth_mib_s={budget:g}: the workers will wait on the network; "
+            f"harvest fewer arrays at once (harvest.sites / harvest.layers), or run fewer workers per node on more "
+            f"nodes (lower harvest.workers_per_node)"
+            + (", or store bfloat16 (harvest.store_dtype)" if h.store_dtype != "bfloat16" else "")]
 
 
 def _job_entry(job: Job, config: Config) -> dict:
@@ -111,5 +156,9 @@ def format_plan(result: dict) -> str:
     lines += ["", f"harvest: {result['storage_rows']:,} rows x {result['storage_arrays']} arrays "
                   f"({result['storage_dtype']}) = {_bytes(result['storage_bytes'])}",
               f"training: {result['training_flops']:.3g} FLOPs = {result['device_hours']:,.0f} device-hours at "
-              f"{rate['device_flops']:.3g} FLOP/s x {rate['utilisation']:g} utilisation"]
+              f"{rate['device_flops']:.3g} FLOP/s x {rate['utilisation']:g} utilisation",
+              f"harvest writes: ~{result['harvest_write_mib_s_per_node']:,.1f} MiB/s per node "
+              f"({result['harvest_workers_per_node']} worker(s) x "
+              f"{result['harvest_tokens_per_s_per_worker']:,.0f} tokens/s at the same FLOP rate)"]
+    lines += [f"warning: {text}" for text in result.get("warnings", [])]
     return "\n".join(lines)
