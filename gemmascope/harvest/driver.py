@@ -43,11 +43,15 @@ class HarvestSummary:
     seconds: float
     units_run: int
     tokens_per_s: float  # rows harvested by this invocation per second of phase 2
+    # Activation bytes (every array, as stored) written by this invocation per second of
+    # phase 2, in MiB/s: what the workers together asked of the store's bandwidth.
+    write_mib_s: float = 0.0
 
     def line(self) -> str:
         return (f"harvest complete: {self.rows:,} rows x {self.arrays} arrays, "
                 f"{self.bytes / 2**30:.2f} GiB in {self.activations} "
-                f"({self.units_run} units run now, {self.tokens_per_s:,.0f} tokens/s, {self.seconds:.1f} s)")
+                f"({self.units_run} units run now, {self.tokens_per_s:,.0f} tokens/s, "
+                f"{self.write_mib_s:,.1f} MiB/s written, {self.seconds:.1f} s)")
 
 
 def check_layers(config: Config, info: ModelInfo) -> None:
@@ -292,7 +296,10 @@ def _summary(ledger: HarvestLedger, activations: str, began: float, units_run: i
     fs, path = storage.filesystem(activations)
     size = int(storage.with_retries(lambda: fs.du(path), what=activations))
     layout = ledger.layout
-    return HarvestSummary(
+    info = ledger.data["storage"]
+    value_bytes = 2 if info["dtype"] == "bfloat16" else 4
+    row_bytes = sum(a["d_in"] for a in ledger.data["arrays"]) * value_bytes
+    summary = HarvestSummary(
         activations=activations,
         rows=layout.n_rows if layout else 0,
         arrays=len(ledger.data["arrays"]),
@@ -300,4 +307,9 @@ def _summary(ledger: HarvestLedger, activations: str, began: float, units_run: i
         seconds=time.perf_counter() - began,
         units_run=units_run,
         tokens_per_s=tokens_per_s,
+        write_mib_s=tokens_per_s * row_bytes / 2**20,
     )
+    if units_run:
+        log.info("harvest wrote %d units at %.0f tokens/s, %.1f MiB/s of activations", units_run,
+                 summary.tokens_per_s, summary.write_mib_s)
+    return summary

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from gemmascope import storage
+from gemmascope.config import StorageConfig
 from gemmascope.errors import UserError
 from gemmascope.models.loading import ModelInfo
 from gemmascope.store import paths
@@ -26,8 +27,9 @@ Key = tuple[str, int]
 
 
 class ActivationStore:
-    def __init__(self, activations: str, ledger: HarvestLedger):
+    def __init__(self, activations: str, ledger: HarvestLedger, io: StorageConfig | None = None):
         self.url = activations
+        self.io = io  # request parallelism of zarr3 reads (None: StorageConfig's defaults)
         self.ledger = ledger
         storage_info = ledger.data["storage"]
         self.format: str = storage_info["format"]
@@ -38,13 +40,14 @@ class ActivationStore:
         self._arrays: dict[Key, object] = {}
 
     @classmethod
-    def open(cls, location: str) -> ActivationStore:
-        """Open from a run directory or its `activations/` directory."""
+    def open(cls, location: str, io: StorageConfig | None = None) -> ActivationStore:
+        """Open from a run directory or its `activations/` directory; `io` (a config's
+        `storage` section) sets TensorStore's request parallelism."""
         location = storage.normalize(location)
         candidates = [location] if location.endswith("/activations") else [paths.activations_url(location), location]
         for candidate in candidates:
             if storage.exists(paths.ledger_url(candidate)):
-                return cls(candidate, HarvestLedger.read(candidate))
+                return cls(candidate, HarvestLedger.read(candidate), io)
         raise UserError(f"{location}: no activation store (no activations/ledger.json)")
 
     # What is there -------------------------------------------------------------
@@ -92,7 +95,7 @@ class ActivationStore:
     # Reading ---------------------------------------------------------------------
     def _array(self, key: Key):
         if key not in self._arrays:
-            self._arrays[key] = open_array(paths.array_url(self.url, *key))
+            self._arrays[key] = open_array(paths.array_url(self.url, *key), io=self.io)
         return self._arrays[key]
 
     def read(self, site: str, layer: int, start: int, stop: int) -> np.ndarray:

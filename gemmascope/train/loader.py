@@ -5,12 +5,16 @@ blocks of that order form a bucket of about `shuffle_rows` rows, shuffled as a w
 (Gemma Scope's buckets of ~10^6 activations) and cut into batches (a bucket's last
 partial batch is dropped). The position is three integers (epoch, bucket, batch), all
 else follows from the seed, so a checkpoint restores the exact stream.
+
+`throughput()` reports the bytes read from the store and the rate (MiB/s) while
+reading, for the training log.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +45,9 @@ class ActivationLoader:
         self.buckets_per_epoch = -(-len(self.blocks) // self.blocks_per_bucket)
         self.place = place or (lambda batch: batch)
         self.state = start
+        self._read_bytes = 0
+        self._read_seconds = 0.0
+        self._began = time.perf_counter()
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="activation-loader", daemon=True)
@@ -51,7 +58,10 @@ class ActivationLoader:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
         chosen = sorted(order[bucket * self.blocks_per_bucket:(bucket + 1) * self.blocks_per_bucket])
         blocks = [self.blocks[i] for i in chosen]
+        began = time.perf_counter()
         rows = np.concatenate(self.store.read_blocks(self.site, self.layer, blocks))
+        self._read_seconds += time.perf_counter() - began
+        self._read_bytes += rows.nbytes
         finite = np.isfinite(rows).all(axis=1)
         skipped = int((~finite).sum())
         if skipped:
@@ -99,6 +109,16 @@ class ActivationLoader:
             raise batch
         self.state = state
         return batch
+
+    def throughput(self) -> dict:
+        """What the loader has read so far: `read_bytes`, `read_mib_s` (bytes per second of
+        time spent in store reads: the store's delivered rate) and `wall_mib_s` (bytes per
+        second since the loader started: below `read_mib_s` when training is the bottleneck)."""
+        read_bytes, read_seconds = self._read_bytes, self._read_seconds
+        wall = time.perf_counter() - self._began
+        return {"read_bytes": read_bytes,
+                "read_mib_s": read_bytes / 2**20 / read_seconds if read_seconds else 0.0,
+                "wall_mib_s": read_bytes / 2**20 / wall if wall else 0.0}
 
     def close(self) -> None:
         self._stop.set()
