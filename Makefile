@@ -16,6 +16,7 @@ CHROMIUM_STAMP := $(VENV)/.chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test test-slow chaos bench lint harvest train plan sweep resume status clean
+.PHONY: cluster-up cluster-down cluster-status submit
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -82,3 +83,58 @@ status: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# A Ray cluster on GCP (infra/ray/*.yaml; README "Running on a cluster"). The dashboard and
+# job server stay on the head's 127.0.0.1: `submit` reaches them through `ray dashboard`
+# (an SSH port-forward) for the time of the submission.
+CLUSTER ?= infra/ray/gcp-gpu.yaml
+# What `submit` runs on the cluster: sweep (harvest first, then training) or harvest.
+STAGE ?= sweep
+DASHBOARD_PORT ?= 8265
+RAY_JOBS := $(BIN)/ray job
+# ARGS once more single-quoted: the job's entrypoint is a shell command line on the head.
+QUOTED_ARGS = '$(subst ','"'"',$(ARGS))'
+
+cluster-up: $(STAMP)
+	$(BIN)/python -c 'import googleapiclient' 2>/dev/null || \
+		$(BIN)/python -m pip install --quiet 'google-api-python-client>=2.100,<3'
+	$(BIN)/ray up -y $(CLUSTER)
+	@echo "Cluster up. Next: make submit CLUSTER=$(CLUSTER) CONFIG=... ARGS='run_dir=gs://BUCKET/...'"
+	@echo "Shell on the head: $(BIN)/ray attach $(CLUSTER)"
+
+cluster-down: $(STAMP)
+	$(BIN)/ray down -y $(CLUSTER)
+
+cluster-status: $(STAMP)
+	$(BIN)/ray exec $(CLUSTER) 'ray status'
+	$(BIN)/ray exec $(CLUSTER) 'ray job list --address http://127.0.0.1:8265'
+	$(BIN)/ray exec $(CLUSTER) "cd ~/gemmascope && gemmascope status $(CONFIG) "$(QUOTED_ARGS)
+
+submit: $(STAMP)
+	@set -e; \
+	id="$${SUBMIT_ID:-gemmascope-$(STAGE)-$$(date +%Y%m%d-%H%M%S)}"; \
+	args=$(QUOTED_ARGS); \
+	mkdir -p runs; \
+	$(BIN)/ray dashboard -p $(DASHBOARD_PORT) $(CLUSTER) > runs/.ray-dashboard-forward.log 2>&1 & fwd=$$!; \
+	trap 'kill $$fwd 2>/dev/null || true' EXIT; \
+	up=0; for i in $$(seq 60); do \
+		$(BIN)/python -c "import socket; socket.create_connection(('127.0.0.1', $(DASHBOARD_PORT)), 2)" \
+			2>/dev/null && { up=1; break; }; \
+		kill -0 $$fwd 2>/dev/null || break; \
+		sleep 2; \
+	done; \
+	if [ $$up != 1 ]; then \
+		echo "No job server at 127.0.0.1:$(DASHBOARD_PORT): the port-forward to $(CLUSTER) failed (runs/.ray-dashboard-forward.log)"; \
+		exit 1; \
+	fi; \
+	$(RAY_JOBS) submit --address http://127.0.0.1:$(DASHBOARD_PORT) --submission-id "$$id" --no-wait \
+		--working-dir . --runtime-env-json '{"excludes": [".venv", "runs", ".git", "benchmarks/results"]}' \
+		-- "gemmascope $(STAGE) $(CONFIG) $$args"; \
+	echo; \
+	echo "Submitted $$id: gemmascope $(STAGE) $(CONFIG) $$args"; \
+	echo "Follow its log:   $(BIN)/ray exec $(CLUSTER) 'ray job logs -f $$id --address http://127.0.0.1:8265'"; \
+	echo "  or, with the dashboard forwarded ($(BIN)/ray dashboard $(CLUSTER) &):"; \
+	echo "                  $(RAY_JOBS) logs -f $$id --address http://127.0.0.1:$(DASHBOARD_PORT)"; \
+	echo "Stop it:          $(BIN)/ray exec $(CLUSTER) 'ray job stop $$id --address http://127.0.0.1:8265'"; \
+	echo "Cluster status:   make cluster-status CLUSTER=$(CLUSTER) CONFIG=$(CONFIG) ARGS=..."; \
+	echo "Shell on head:    $(BIN)/ray attach $(CLUSTER)"
