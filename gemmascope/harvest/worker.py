@@ -68,7 +68,7 @@ class HarvestWorker:
         writers = {}
         for key in self.keys:
             if h.output_format == "zarr3":
-                array = open_array(paths.array_url(self.activations, *key), write=True)
+                array = open_array(paths.array_url(self.activations, *key), write=True, io=self.config.storage)
                 writers[key] = ZarrRowWriter(array, start, stop, h.shard_rows)
             else:
                 width = info.site_width(key[0])

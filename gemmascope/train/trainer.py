@@ -111,7 +111,7 @@ def _records(group: Group, metrics: dict, step: int, tokens_per_s: float, batch:
 
 
 def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainResult:
-    store = ActivationStore.open(config.run_dir)
+    store = ActivationStore.open(config.run_dir, io=config.storage)
     job = find_job(plan_jobs(config, store.model_info()), job_id, config.origin)
     if job.target != job.site:
         raise UserError(f"{job.id}: transcoders ({job.site} -> {job.target}) are planned by the sweep but "

@@ -83,7 +83,7 @@ def checkpoint_tensors(directory: Path) -> dict[str, TensorEntry]:
     elif (directory / SINGLE_FILE).is_file():
         files = [SINGLE_FILE]
     else:
-        raise UserError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} (the jax backend reads safetensors)")
+        raise UserError(f"{directory}: cannot load safetensors weights: no {SINGLE_FILE} or {INDEX_FILE}")
     tensors: dict[str, TensorEntry] = {}
     for file in files:
         if not (directory / file).is_file():
