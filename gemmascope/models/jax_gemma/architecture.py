@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gemmascope.errors import UserError
+from gemmascope.models.loading import read_info
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -67,11 +68,7 @@ def _rope(name: str, parameters: dict) -> Rope:
 
 def from_hf_config(name: str, hf: Any) -> GemmaArchitecture:
     """Read a `Gemma2Config` / `Gemma3TextConfig`; `name` labels errors."""
-    families = {"gemma2": "gemma2", "gemma3_text": "gemma3"}
-    family = families.get(hf.model_type)
-    if family is None:
-        raise UserError(f"{name}: model type {hf.model_type!r} is not supported by the jax backend "
-                        f"(supported: {', '.join(families)})")
+    family = read_info(name, hf).family
     if hf.hidden_activation != "gelu_pytorch_tanh":
         raise UserError(f"{name}: hidden_activation {hf.hidden_activation!r} is not supported (gelu_pytorch_tanh)")
     if not getattr(hf, "tie_word_embeddings", True):

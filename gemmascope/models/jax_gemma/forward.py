@@ -101,8 +101,8 @@ class JaxForward:
     def run(self, input_ids: np.ndarray, keys: tuple[Key, ...],
             out_dtype: str) -> dict[Key, np.ndarray]:
         """Every key's activations `[batch, time, width]` as numpy arrays."""
-        captured, _ = self._run(self.params, self._place_batch(input_ids), tuple(sorted(keys)), out_dtype, False)
-        return {key: np.asarray(value)[: len(input_ids)] for key, value in captured.items()}
+        captured, rows, _ = self.launch(input_ids, keys, np.empty(0, np.int64), out_dtype)
+        return {key: np.asarray(value)[:rows] for key, value in captured.items()}
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Next-token logits `[batch, time, vocab]` (float32) of the whole model."""
