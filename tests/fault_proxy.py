@@ -1,7 +1,9 @@
 """A loopback HTTP proxy in front of the GCS emulator that injects storage faults.
 
-Every request is forwarded to the emulator unless a seeded draw at the configured rate
-makes it a fault. The kinds of fault take turns, so a handful of faults exercises them all:
+Every request is forwarded to the emulator except a `rate` fraction, spread evenly over the
+requests (one in twenty at 5%), which become faults. The kinds of fault take turns, and a
+setting's turn carries on when the same kinds are set again, so a handful of faults, even
+split over two phases, exercises them all:
 
     429, 500, 503  a JSON error answer, as GCS gives when overloaded (the request never arrives)
     drop           the connection closed without an answer (the request never arrives)
@@ -20,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import random
 import threading
 import time
 import urllib.parse
@@ -40,12 +41,13 @@ class FaultProxy:
     """Forwards to `upstream`, failing a `rate` fraction of requests with one of `kinds`."""
 
     def __init__(self, upstream: str, *, rate: float = 0.0, kinds: tuple[str, ...] = KINDS,
-                 seed: int = 0, slow_s: float = 0.5):
+                 slow_s: float = 0.5):
         self.upstream = urllib.parse.urlsplit(upstream)
         self.slow_s = slow_s
-        self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._counts: Counter = Counter()
+        self._turns: Counter = Counter()  # faults injected so far per kinds setting
+        self._due = 0.0  # the fraction of a fault owed to the requests seen since the last one
         self.set(rate, kinds)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
@@ -84,9 +86,12 @@ class FaultProxy:
         """The fault for the next request, or None to forward it untouched."""
         with self._lock:
             self._counts["requests"] += 1
-            if self._rng.random() >= self.rate:
+            self._due += self.rate
+            if self._due < 1.0:
                 return None
-            kind = self.kinds[self._counts["faults"] % len(self.kinds)]
+            self._due -= 1.0
+            kind = self.kinds[self._turns[self.kinds] % len(self.kinds)]
+            self._turns[self.kinds] += 1
             self._counts["faults"] += 1
             self._counts[kind] += 1
             return kind

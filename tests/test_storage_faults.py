@@ -44,7 +44,7 @@ STOP_WITHIN_S = 120
 @pytest.fixture
 def proxy(gcs_emulator):
     """The fault proxy in front of the session's emulator, forwarding everything until told."""
-    proxy = FaultProxy(gcs_emulator, seed=0).start()
+    proxy = FaultProxy(gcs_emulator).start()
     yield proxy
     print(f"fault proxy: {proxy.counts()}")
     proxy.stop()
