@@ -103,12 +103,31 @@ def _harvest(args: argparse.Namespace) -> None:
     print(summary.line())
 
 
+DISTRIBUTED_FLAGS = {"coordinator": "--coordinator", "processes": "--processes", "process_id": "--process-id"}
+
+
+def _distributed(args: argparse.Namespace):
+    """The multi-host job this process joins: all three flags, or none for a one-process job."""
+    from gemmascope.train.distributed import Distributed
+
+    given = [name for name in DISTRIBUTED_FLAGS if getattr(args, name) is not None]
+    if not given:
+        return None
+    if len(given) < len(DISTRIBUTED_FLAGS):
+        missing = [flag for name, flag in DISTRIBUTED_FLAGS.items() if name not in given]
+        raise UserError(f"{', '.join(DISTRIBUTED_FLAGS.values())} go together: "
+                        f"{' and '.join(DISTRIBUTED_FLAGS[name] for name in given)} given without "
+                        f"{' and '.join(missing)}")
+    return Distributed(args.coordinator, args.processes, args.process_id)
+
+
 def _train(args: argparse.Namespace) -> None:
     from gemmascope.config import load_config
     from gemmascope.train.trainer import train_job
 
+    dist = _distributed(args)
     config = load_config(args.config, args.overrides)
-    result = train_job(config, args.job, progress=not args.no_progress)
+    result = train_job(config, args.job, progress=not args.no_progress, dist=dist)
     print(f"trained {result.job}: {result.steps} steps ({result.steps_run} now, "
           f"{result.tokens_per_s:,.0f} tokens/s); SAEs in {result.directory}/saes")
 
@@ -213,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="attach to this Ray cluster ('auto' for the local one); default: start one")
     train = config_command("train", "train one job's SAEs in this process (resumable)", _train)
     train.add_argument("--job", required=True, help="job id as `gemmascope plan` lists it, e.g. res-L6-w2k")
+    train.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="multi-host job: process 0's coordinator address (with --processes, --process-id)")
+    train.add_argument("--processes", type=int, default=None, metavar="N",
+                       help="multi-host job: how many processes run this same command")
+    train.add_argument("--process-id", type=int, default=None, metavar="I",
+                       help="multi-host job: this process's index, 0..N-1 (0 writes the job's files)")
     plan = config_command("plan", "the SAE grid, its jobs and resources, storage and compute", _plan)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     sweep = config_command("sweep", "run (or resume) every unfinished job on Ray", _sweep)

@@ -7,6 +7,13 @@ is deleted on open and the job resumes from the step before; a step whose files 
 longer match (a flipped bit, a truncated file) fails the restore with the file's name
 instead of training on damaged state. Saves are synchronous: the next step must not
 race the write.
+
+In a multi-host job every process opens, saves and restores (Orbax writes each
+process's shards and lets process 0 rename the step); the manifest is written by the
+writer alone, between a barrier that follows every process's shards and one that makes
+"saved" mean committed on every process. Deleting an uncommitted step is a collective
+too (Orbax deletes on process 0, then waits for all), so every process must decide the
+same: they all list the steps before any deletion starts.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import orbax.checkpoint as ocp
 from gemmascope import storage
 from gemmascope.errors import UserError
 from gemmascope.faults import crash_point
+from gemmascope.train.distributed import barrier, is_writer
 
 MANIFEST = "checksums.json"
 log = logging.getLogger("gemmascope.train")
@@ -31,6 +39,7 @@ class Checkpoints:
         self.directory = storage.normalize(url)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        barrier(f"checkpoints listed {self.directory}")
         for step in self.manager.all_steps():
             if not storage.exists(self._manifest_url(step)):
                 log.warning("%s: step %d has no %s (killed while saving); deleting it", self.directory, step,
@@ -61,7 +70,10 @@ class Checkpoints:
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
         crash_point("train.checkpoint_saved")  # saved by Orbax, not yet committed by its manifest
-        storage.write_json_atomic(self._manifest_url(step), self._checksums(step))
+        barrier(f"checkpoint {step} saved")
+        if is_writer():
+            storage.write_json_atomic(self._manifest_url(step), self._checksums(step))
+        barrier(f"checkpoint {step} committed")
 
     def verify(self, step: int) -> None:
         """Raise a `UserError` naming the first file of `step` that is missing or changed."""

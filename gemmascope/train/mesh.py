@@ -2,7 +2,9 @@
 
 Batches are split over "data"; encoder columns, decoder rows, encoder bias and
 thresholds (and their optimiser state) over "latent", so a wide SAE's parameters are
-spread across devices. Axes are Auto so XLA inserts the collectives.
+spread across devices. Axes are Auto so XLA inserts the collectives. In a multi-host
+job (`distributed`) the mesh spans every process's devices, in process order, so the
+"latent" axis of a mesh wider than one host crosses hosts.
 """
 
 from __future__ import annotations
@@ -57,3 +59,21 @@ def tree_shardings(mesh: Mesh, tree):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data", None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Whole on every device: what every process can read (the step's metrics)."""
+    return NamedSharding(mesh, P())
+
+
+def place_batch(rows, sharding: NamedSharding) -> jax.Array:
+    """The global batch array from the full batch `rows`, of which this process fills only
+    the shards on its own devices (all of them with one process).
+
+    Every process of a multi-host job runs the same deterministic loader and so reads
+    the full batch stream, rather than each reading only its slice of the "data" axis:
+    at the widths that need several hosts the step's compute dominates the reading
+    (which is the same for any mesh), and identical streams keep the loader position in
+    the checkpoint one value for all processes.
+    """
+    return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])

@@ -5,13 +5,15 @@ restart), normalisation.json (C and its sample), checkpoints/, metrics.jsonl, an
 finished saes/<name>/params.npz (released scale) with sae.json, then done.json, the
 job's commit point. A restarted job continues from its latest checkpoint; on CPU the
 result is bit-identical to an uninterrupted run.
+
+With `dist` the job is one JAX program over several hosts (`distributed`): every
+process runs this same function on the same inputs; only the writer writes the files.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -26,9 +28,17 @@ from gemmascope.faults import crash_point
 from gemmascope.store import ActivationStore
 from gemmascope.sweep.grid import Job, find_job, plan_jobs
 from gemmascope.train.checkpoints import Checkpoints
+from gemmascope.train.distributed import (
+    Distributed,
+    PreemptionWatch,
+    barrier,
+    host_copy,
+    initialize,
+    is_writer,
+)
 from gemmascope.train.group import Group, initial_state, make_train_step, sharded_layout
 from gemmascope.train.loader import ActivationLoader, LoaderState
-from gemmascope.train.mesh import batch_sharding, make_mesh
+from gemmascope.train.mesh import batch_sharding, make_mesh, place_batch, replicated
 from gemmascope.train.normalise import estimate_scale
 from gemmascope.train.release import from_release, to_release
 from gemmascope.train.sparse import sparse_available
@@ -62,7 +72,8 @@ def job_train_config(config: Config, job: Job) -> TrainConfig:
 
 
 def _check_job_record(directory: str, record: dict) -> None:
-    """A job directory belongs to one job definition; refuse to resume under another."""
+    """A job directory belongs to one job definition; refuse to resume under another.
+    Every process checks; the writer records a new job."""
     url = storage.join(directory, "job.json")
     if storage.exists(url):
         existing = storage.read_json(url)
@@ -71,7 +82,8 @@ def _check_job_record(directory: str, record: dict) -> None:
                 raise UserError(f"{url}: job was started with {key}={existing.get(key)!r}, "
                                 f"now {key}={record[key]!r}; use a new run_dir")
         return
-    storage.write_json_atomic(url, record)
+    if is_writer():
+        storage.write_json_atomic(url, record)
 
 
 def logged_metrics(config: Config, job_id: str) -> list[dict]:
@@ -110,7 +122,12 @@ def _records(group: Group, metrics: dict, step: int, tokens_per_s: float, batch:
     } for i, (width, sparsity) in enumerate(group.saes)]
 
 
-def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainResult:
+def train_job(config: Config, job_id: str, *, progress: bool = True,
+              dist: Distributed | None = None) -> TrainResult:
+    """Train (or resume, or re-export) job `job_id`; with `dist`, as one process of a
+    multi-host job, joined before anything starts JAX's backend."""
+    initialize(dist)
+    writer = is_writer()
     store = ActivationStore.open(config.run_dir, io=config.storage)
     job = find_job(plan_jobs(config, store.model_info()), job_id, config.origin)
     if job.target != job.site:
@@ -135,10 +152,11 @@ def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainRes
     norm_url = storage.join(directory, "normalisation.json")
     if storage.exists(norm_url):
         normalisation = storage.read_json(norm_url)
-    else:
+    else:  # deterministic, so every process computes the same C; one writes it
         normalisation = estimate_scale(store, *key, sample_rows=cfg.norm_sample_rows, stop_row=stop_row,
                                        seed=cfg.seed)
-        storage.write_json_atomic(norm_url, normalisation)
+        if writer:
+            storage.write_json_atomic(norm_url, normalisation)
     scale = normalisation["scale"]
     log.info("%s: C=%.4g from %d rows (max norm %.3g x median)", job.id, scale, normalisation["sample_rows"],
              normalisation["max_norm"] / normalisation["median_norm"])
@@ -158,15 +176,12 @@ def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainRes
 
     placement = batch_sharding(mesh)
     step_fn = jax.jit(make_train_step(group, cfg, scale, use_sparse=sparse_available(mesh, cfg)), in_shardings=(shardings, placement),
-                      out_shardings=(shardings, None), donate_argnums=0)
+                      out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
     loader = ActivationLoader(store, *key, batch_size=cfg.batch_size, shuffle_rows=cfg.shuffle_rows,
                               seed=cfg.seed, stop_row=stop_row, nonfinite=cfg.nonfinite,
                               prefetch=cfg.prefetch_batches, start=loader_state,
-                              place=lambda rows: jax.device_put(rows, placement))
-    metrics_log = _MetricsLog(storage.join(directory, "metrics.jsonl"), start)
-    terminated = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: terminated.append(True)) \
-        if _main_thread() else None
+                              place=lambda rows: place_batch(rows, placement))
+    metrics_log = _MetricsLog(storage.join(directory, "metrics.jsonl"), start) if writer else None
 
     def save() -> None:
         checkpoints.save(int(state.step), state, {"loader": asdict(loader.state), "seed": cfg.seed,
@@ -175,7 +190,8 @@ def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainRes
     total = cfg.steps
     began, window_start, window_step = time.perf_counter(), time.perf_counter(), start
     try:
-        with tqdm(total=total, initial=start, desc=job.id, unit="step", disable=not progress) as bar:
+        with PreemptionWatch() as preemption, \
+                tqdm(total=total, initial=start, desc=job.id, unit="step", disable=not progress) as bar:
             for step in range(start, total):
                 state, metrics = step_fn(state, loader.next())
                 crash_point("train.step")
@@ -186,23 +202,23 @@ def train_job(config: Config, job_id: str, *, progress: bool = True) -> TrainRes
                     rate = (done - window_step) * cfg.batch_size / (now - window_start)
                     window_start, window_step = now, done
                     records = _records(group, metrics, done, rate, cfg.batch_size, loader.state.skipped_rows)
-                    for record in records:
-                        metrics_log.write(record)
+                    if metrics_log:
+                        for record in records:
+                            metrics_log.write(record)
                     bar.set_postfix(l0=f"{records[0]['l0']:.1f}", fvu=f"{records[0]['fvu']:.3f}",
                                     tok_s=f"{rate:,.0f}")
                 bar.update(1)
                 if done == total:
                     break  # finished: saved and exported below, even if SIGTERM came with the last step
-                if done % cfg.checkpoint_every == 0 or terminated:  # one save per step, whichever asked
+                preempted = preemption.requested(done)
+                if done % cfg.checkpoint_every == 0 or preempted:  # one save per step, whichever asked
                     save()
-                if terminated:
+                if preempted:
                     raise Preempted(f"{job.id}: SIGTERM; checkpointed at step {done}; rerun to continue")
         if start < total:
             save()
     finally:
         loader.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
     _export(directory, job, group, state, scale, normalisation)
     checkpoints.close()
     seconds = time.perf_counter() - began
@@ -228,22 +244,25 @@ def _start_from_released(state, job: Job, scale: float, shardings):
     return jax.device_put(state._replace(params=tuple(params)), shardings)
 
 
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def _export(directory: str, job: Job, group: Group, state, scale: float, normalisation: dict) -> None:
-    """Write each SAE at release scale, then done.json (the job's commit point)."""
-    params = jax.device_get(state.params)
+    """Write each SAE at release scale, then done.json (the job's commit point). Every
+    process gathers the parameters (a collective); the writer writes, and no process
+    returns before done.json is there."""
+    params = host_copy(state.params)
+    if is_writer():
+        _write_saes(directory, job, group, params, int(state.step), scale, normalisation)
+    barrier(f"{job.id} exported")
+
+
+def _write_saes(directory: str, job: Job, group: Group, params, steps: int, scale: float,
+                normalisation: dict) -> None:
     for index, (width, sparsity) in enumerate(group.saes):
         sae_dir = storage.join(directory, "saes", group.name(index))
         storage.write_bytes_atomic(storage.join(sae_dir, "params.npz"),
                                    params_npz_bytes(to_release(params[index], scale)))
         storage.write_json_atomic(storage.join(sae_dir, "sae.json"), {
             "site": job.site, "layer": job.layer, "width": width, "sparsity": sparsity,
-            "d_in": group.d_in, "scale": scale, "steps": int(state.step)})
+            "d_in": group.d_in, "scale": scale, "steps": steps})
     storage.write_json_atomic(storage.join(directory, "done.json"), {
-        "saes": [group.name(i) for i in range(group.size)], "steps": int(state.step),
+        "saes": [group.name(i) for i in range(group.size)], "steps": steps,
         "normalisation": normalisation})
