@@ -49,14 +49,18 @@ def check_reachable(address: str) -> None:
 
 
 def connect(address: str | None) -> None:
-    """Attach to `address` (or RAY_ADDRESS), else start a local cluster; no-op if connected."""
+    """Attach to `address` (or RAY_ADDRESS), else start a local cluster; no-op if connected.
+
+    Without an address Ray would attach to the cluster named in /tmp/ray/ray_current_cluster,
+    a file a crashed cluster leaves behind: it then waits minutes on a dead address. "local"
+    starts a fresh one, as the command line promises."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
     ray.init(
-        address=address,
+        address=address or "local",
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=True,

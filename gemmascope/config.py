@@ -234,6 +234,12 @@ class SweepConfig:
     max_saes_per_job: int | None = None
     # Attempts per job before it is marked failed (a user error fails it at once).
     max_attempts: int = 3
+    # Preemptions a job survives (its node lost, or SIGTERM): each resumes it from its last
+    # checkpoint on another node without using an attempt; one more fails the job.
+    max_preemptions: int = 20
+    # Hosts one job may span: a job whose SAEs do not fit devices_per_job devices of one
+    # host runs on 2, 4, ... hosts as one JAX program (devices_per_job on each).
+    max_hosts_per_job: int = 1
     # A running job's lease: renewed every heartbeat; another launcher may take the job
     # once the lease has not been renewed for lease_seconds.
     lease_seconds: float = 600.0
@@ -242,11 +248,14 @@ class SweepConfig:
     harvest: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("devices_per_job", "cpus_per_job", "max_attempts"):
+        for key in ("devices_per_job", "cpus_per_job", "max_attempts", "max_hosts_per_job"):
             if getattr(self, key) < 1:
                 raise InvalidValue(key, getattr(self, key), "must be >= 1")
-        if self.devices_per_job & (self.devices_per_job - 1):
-            raise InvalidValue("devices_per_job", self.devices_per_job, "must be a power of two")
+        if self.max_preemptions < 0:
+            raise InvalidValue("max_preemptions", self.max_preemptions, "must be >= 0")
+        for key in ("devices_per_job", "max_hosts_per_job"):
+            if getattr(self, key) & (getattr(self, key) - 1):
+                raise InvalidValue(key, getattr(self, key), "must be a power of two")
         for key in ("device_memory_gib", "device_flops", "lease_seconds", "heartbeat_seconds"):
             if not getattr(self, key) > 0:
                 raise InvalidValue(key, getattr(self, key), "must be > 0")

@@ -11,7 +11,8 @@ import pytest
 
 from gemmascope import versioned
 from gemmascope.config import SweepConfig
-from gemmascope.sweep.ledger import DONE, FAILED, PENDING, RUNNING, JobLedger, Launcher
+from gemmascope.sweep.ledger import (DONE, FAILED, PENDING, PREEMPTION, RUNNING, USER_ERROR, JobLedger,
+                                     Launcher)
 
 SWEEP = SweepConfig(lease_seconds=60.0, heartbeat_seconds=10.0, max_attempts=3)
 
@@ -90,7 +91,7 @@ def test_failures_count_attempts_until_the_job_fails(run_dir):
         ledger.claim("job")
         assert ledger.fail("job", f"crash {attempt}")["state"] == PENDING
     ledger.claim("job")
-    ledger.fail("job", "preempted", counts=False)
+    ledger.fail("job", "preempted", cause=PREEMPTION)
     assert ledger.read("job")["attempts"] == 2 and ledger.read("job")["state"] == PENDING
     ledger.claim("job")
     record = ledger.fail("job", "crash 3")
@@ -100,11 +101,31 @@ def test_failures_count_attempts_until_the_job_fails(run_dir):
     assert ledger.read("job")["state"] == PENDING and ledger.read("job")["attempts"] == 0
 
 
+def test_preemptions_have_a_budget_of_their_own(run_dir):
+    """Preemptions neither use attempts nor go on for ever: the job survives max_preemptions of
+    them and fails at the next, with the count and the last cause in its error."""
+    sweep = SweepConfig(lease_seconds=60.0, heartbeat_seconds=10.0, max_attempts=2, max_preemptions=3)
+    ledger = JobLedger(run_dir, remote_launcher(1), sweep, Clock())
+    ledger.register(["job"])
+    ledger.claim("job")
+    assert ledger.fail("job", "crash")["state"] == PENDING
+    for preemption in (1, 2, 3):
+        ledger.claim("job")
+        record = ledger.fail("job", f"node {preemption} died", cause=PREEMPTION)
+        assert (record["state"], record["attempts"], record["preemptions"]) == (PENDING, 1, preemption)
+    ledger.claim("job")
+    record = ledger.fail("job", "node 4 died", cause=PREEMPTION)
+    assert record["state"] == FAILED and record["preemptions"] == 4
+    assert record["error"] == "preempted 4 times (sweep.max_preemptions=3); last: node 4 died"
+    assert ledger.reopen("job", (FAILED,))
+    assert (ledger.read("job")["attempts"], ledger.read("job")["preemptions"]) == (0, 0)
+
+
 def test_a_user_error_fails_the_job_at_once(run_dir):
     ledger = JobLedger(run_dir, remote_launcher(1), SWEEP, Clock())
     ledger.register(["job"])
     ledger.claim("job")
-    assert ledger.fail("job", "bad store", final=True)["state"] == FAILED
+    assert ledger.fail("job", "bad store", cause=USER_ERROR)["state"] == FAILED
 
 
 def test_expired_leases_count_towards_the_attempt_limit(run_dir):

@@ -126,9 +126,35 @@ sweep: {accelerator: gpu, devices_per_job: 8, device_memory_gib: 80}
     assert (narrow.mesh_data, narrow.mesh_latent) == (8, 1)
     assert wide.mesh_latent > 1 and wide.mesh_data * wide.mesh_latent == 8
     assert wide.ray_options() == {"num_cpus": 1, "memory": wide.host_bytes, "num_gpus": 8}
-    with pytest.raises(ConfigError, match="width 1048576 does not fit 1 x 16 GiB"):
+    with pytest.raises(ConfigError, match=r"width 1048576 does not fit 1 host\(s\) x 1 x 16 GiB"):
         plan_jobs(_config(tmp_path, text, "sweep.devices_per_job=1", "sweep.device_memory_gib=16"),
                   _info(d_model=2304))
+
+
+def test_saes_too_wide_for_one_host_span_hosts_and_narrow_ones_stay_on_one(tmp_path):
+    """A 1M-wide SAE does not fit one 8 x 16 GiB host: with max_hosts_per_job 4 it gets the fewest
+    hosts that hold it, its latent axis over all their devices; narrow SAEs of the same stream
+    are not packed into its job (they would ride on hosts they do not need)."""
+    text = """
+saes:
+  - {sites: [res], layers: [0], widths: [16384, 1048576], sparsity: [1.0e-3]}
+train: {batch_size: 4096}
+sweep: {accelerator: tpu, devices_per_job: 8, device_memory_gib: 16, max_hosts_per_job: 4}
+"""
+    config = _config(tmp_path, text)
+    jobs = {job.id: job for job in plan_jobs(config, _info(d_model=2304))}
+    assert sorted(jobs) == ["res-L0-w16k", "res-L0-w1m"]
+    wide, narrow = jobs["res-L0-w1m"].resources, jobs["res-L0-w16k"].resources
+    assert narrow.hosts == 1
+    # Written out: 4 bytes x 4 copies (params, grads, two Adam moments) of the state plus six
+    # float32 [batch, width] buffers, spread over every device: 8 do not hold it, 16 do.
+    need = 4 * 4 * (2 * 2304 * 1048576 + 2 * 1048576 + 2304) + 4 * 6 * 4096 * 1048576
+    assert need / 16 < 16 * 2**30 * 0.8 < need / 8
+    assert wide.hosts == 2 and wide.mesh_data * wide.mesh_latent == 16 and wide.mesh_latent >= 8
+    assert wide.device_bytes <= 16 * 2**30 * 0.8
+    assert wide.ray_options() == {"num_cpus": 1, "memory": wide.host_bytes, "resources": {"TPU": 8}}
+    with pytest.raises(ConfigError, match=r"does not fit 1 host\(s\) x 8 x 16 GiB"):
+        plan_jobs(_config(tmp_path, text, "sweep.max_hosts_per_job=1"), _info(d_model=2304))
 
 
 @pytest.mark.parametrize(("text", "message"), [

@@ -52,7 +52,8 @@ class SAESpec:
 @dataclass(frozen=True)
 class Resources:
     accelerator: str  # "cpu", "gpu" or "tpu"
-    devices: int
+    devices: int  # on each host
+    hosts: int  # > 1: one JAX program across hosts, the latent axis spanning them
     mesh_data: int
     mesh_latent: int
     cpus: int
@@ -60,6 +61,7 @@ class Resources:
     host_bytes: int  # shuffle buffer and prefetched batches
 
     def ray_options(self) -> dict:
+        """What each of the job's hosts asks Ray for."""
         options: dict = {"num_cpus": self.cpus, "memory": self.host_bytes}
         if self.accelerator == "gpu":
             options["num_gpus"] = self.devices
@@ -125,17 +127,22 @@ def _device_bytes(d_in: int, widths: list[int], batch: int, latent: int, data: i
     return state // latent + activations // (latent * data)
 
 
-def _fit(config: Config, d_in: int, widths: list[int]) -> tuple[int, int, int] | None:
-    """(latent, data, bytes per device) with the smallest latent axis that fits, or None."""
+def _fit(config: Config, d_in: int, widths: list[int]) -> tuple[int, int, int, int] | None:
+    """(hosts, latent, data, bytes per device): the fewest hosts, then the smallest latent axis
+    that fits, or None."""
     sweep = config.sweep
     capacity = sweep.device_memory_gib * GIB * sweep.memory_fraction
-    latent = 1
-    while latent <= sweep.devices_per_job:
-        data = sweep.devices_per_job // latent
-        used = _device_bytes(d_in, widths, config.train.batch_size, latent, data)
-        if used <= capacity:
-            return latent, data, used
-        latent *= 2
+    hosts = 1
+    while hosts <= sweep.max_hosts_per_job:
+        devices = sweep.devices_per_job * hosts
+        latent = 1
+        while latent <= devices:
+            data = devices // latent
+            used = _device_bytes(d_in, widths, config.train.batch_size, latent, data)
+            if used <= capacity:
+                return hosts, latent, data, used
+            latent *= 2
+        hosts *= 2
     return None
 
 
@@ -146,18 +153,24 @@ def _host_bytes(config: Config, d_in: int) -> int:
 
 
 def _pack(config: Config, d_in: int, saes: list[SAESpec]) -> list[list[SAESpec]]:
+    """Consecutive SAEs of one stream share a job while they fit on as many hosts as each needs
+    alone: a narrow SAE never rides on hosts only a wide one needs."""
     limit = config.sweep.max_saes_per_job or len(saes)
     packs: list[list[SAESpec]] = []
     for spec in saes:
-        if packs and len(packs[-1]) < limit and _fit(config, d_in, [s.width for s in (*packs[-1], spec)]):
-            packs[-1].append(spec)
-            continue
-        if _fit(config, d_in, [spec.width]) is None:
+        alone = _fit(config, d_in, [spec.width])
+        if alone is None:
             sweep = config.sweep
             raise ConfigError(
                 f"{config.origin}: {spec.site} layer {spec.layer} width {spec.width} does not fit "
-                f"{sweep.devices_per_job} x {sweep.device_memory_gib:g} GiB (sweep.devices_per_job, "
-                f"sweep.device_memory_gib); give it more or bigger devices")
+                f"{sweep.max_hosts_per_job} host(s) x {sweep.devices_per_job} x {sweep.device_memory_gib:g} GiB "
+                f"(sweep.max_hosts_per_job, sweep.devices_per_job, sweep.device_memory_gib); give it more hosts "
+                f"or more or bigger devices")
+        if packs and len(packs[-1]) < limit:
+            together = _fit(config, d_in, [s.width for s in (*packs[-1], spec)])
+            if together and together[0] == alone[0] == _fit(config, d_in, [s.width for s in packs[-1]])[0]:
+                packs[-1].append(spec)
+                continue
         packs.append([spec])
     return packs
 
@@ -188,9 +201,10 @@ def plan_jobs(config: Config, info: ModelInfo) -> list[Job]:
             if names.count(name) > 1:
                 parts[name] += 1
                 name = f"{name}-p{parts[name] - 1}"
-            latent, _, used = _fit(config, d_in, [s.width for s in pack])
+            hosts, latent, _, used = _fit(config, d_in, [s.width for s in pack])
+            devices = sweep.devices_per_job * hosts
             latent = max(latent, config.train.mesh_latent)
-            resources = Resources(sweep.accelerator, sweep.devices_per_job, max(1, sweep.devices_per_job // latent),
+            resources = Resources(sweep.accelerator, sweep.devices_per_job, hosts, max(1, devices // latent),
                                   latent, sweep.cpus_per_job, used, _host_bytes(config, d_in))
             jobs.append(Job(name, site, layer, target, d_in, tokens, tuple(pack), resources))
     return jobs

@@ -2,13 +2,18 @@
 
 The launcher plans the jobs, makes sure the activation store they read exists (running
 the harvest under a lease of its own when the config allows), then claims jobs in the
-ledger and runs each as a Ray task with the job's resources. While it runs, it renews
-its leases; a job held by another live launcher is left alone, and one whose launcher
-died is taken over when its lease expires. A task that fails is retried up to
-sweep.max_attempts; a user error (bad input, which would fail again) fails its job at
-once; a preempted job goes back to pending without using up an attempt. Training
-itself resumes from the job's last checkpoint, so a rerun loses at most the steps
-since then.
+ledger and runs each on Ray with the job's resources: an actor per host
+(`gemmascope.sweep.job_run`). While they run, it renews its leases; a job held by
+another live launcher is left alone, and one whose launcher died is taken over when its
+lease expires. A run that fails is retried up to sweep.max_attempts; a user error (bad
+input, which would fail again) fails its job at once; a preempted run (its node lost,
+or SIGTERM) goes back to pending on a budget of its own (sweep.max_preemptions) and is
+started again, wherever Ray finds room, without anyone rerunning the sweep. Training
+resumes from the job's last checkpoint, so a rerun loses at most the steps since then.
+
+On an autoscaling cluster the launcher asks for the hosts of every unfinished job
+(`request_resources`), so nodes are added for all of them at once, and it starts jobs
+as the nodes join.
 """
 
 from __future__ import annotations
@@ -16,10 +21,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import ray
-from ray.exceptions import RayTaskError, TaskCancelledError
+from ray.autoscaler.sdk import request_resources
 from tqdm import tqdm
 
 from gemmascope import storage
@@ -28,9 +33,10 @@ from gemmascope.config import Config
 from gemmascope.errors import UserError
 from gemmascope.faults import crash_point
 from gemmascope.sweep.grid import Job
-from gemmascope.sweep.ledger import DONE, FAILED, RUNNING, JobLedger, Launcher
+from gemmascope.sweep.job_run import JobRun, host_bundles
+from gemmascope.sweep.ledger import DONE, FAILED, FAILURE, PREEMPTION, RUNNING, USER_ERROR, JobLedger, Launcher
 from gemmascope.sweep.plan import model_shape, write_plan
-from gemmascope.train.trainer import Preempted, logged_metrics
+from gemmascope.train.trainer import logged_metrics
 
 log = logging.getLogger("gemmascope.sweep")
 
@@ -53,14 +59,6 @@ class SweepSummary:
         if self.failed:
             text += "; failed: " + "; ".join(f"{job}: {error}" for job, error in self.failed.items())
         return text
-
-
-@ray.remote(max_retries=0)
-def _train_task(config: Config, job_id: str) -> dict:
-    from gemmascope.train.trainer import train_job
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return asdict(train_job(config, job_id, progress=False))
 
 
 class _Heartbeat(threading.Thread):
@@ -104,16 +102,18 @@ class _Heartbeat(threading.Thread):
 
 
 def _capacity(job: Job) -> int:
-    """How many tasks with this job's resources the cluster can run at once (at least 1)."""
+    """How many runs of this job's shape the cluster can hold now (at least 1: Ray queues the
+    rest, and an autoscaler adds nodes for it)."""
     total = ray.cluster_resources()
     options = job.resources.ray_options()
     needs = {"CPU": options["num_cpus"], "GPU": options.get("num_gpus", 0), **options.get("resources", {})}
     fits = [int(total.get(name, 0) // amount) for name, amount in needs.items() if amount]
-    return max(1, min(fits))
+    return max(1, min(fits) // job.resources.hosts)
 
 
-def _cause(err: BaseException) -> BaseException:
-    return getattr(err, "cause", None) or err
+def _request_hosts(jobs: list[Job]) -> None:
+    """Tell an autoscaler the hosts every unfinished job needs (replacing the last request)."""
+    request_resources(bundles=[bundle for job in jobs for bundle in host_bundles(job)])
 
 
 def _store_ready(config: Config, jobs: list[Job]) -> str | None:
@@ -154,10 +154,10 @@ def _ensure_store(config: Config, jobs: list[Job], ledger: JobLedger, heartbeat:
         try:
             summary = run_harvest(config, ray_address=ray_address, progress=progress)
         except UserError as err:
-            ledger.fail(HARVEST, str(err), final=True)
+            ledger.fail(HARVEST, str(err), cause=USER_ERROR)
             raise
         except BaseException as err:
-            ledger.fail(HARVEST, repr(err))
+            ledger.fail(HARVEST, repr(err), cause=FAILURE)
             raise
         finally:
             heartbeat.drop(HARVEST)
@@ -198,32 +198,35 @@ def _run_jobs(config: Config, jobs: list[Job], ledger: JobLedger, heartbeat: _He
     # Longest jobs first, so the sweep does not end waiting on one big job started last.
     longest_first = sorted(by_id, key=lambda job_id: -by_id[job_id].flops())
     batch = config.train.batch_size
-    running: dict = {}  # ObjectRef -> job id
+    runs: dict[str, JobRun] = {}  # job id -> its run, for the jobs this launcher runs
     tokens_run = 0
     run_now = 0
     total_steps = sum(job.steps(batch) for job in jobs)
+    requested: list[str] | None = None
     with tqdm(total=total_steps, desc="sweep", unit="step", disable=not progress) as bar:
         while True:
             records = ledger.records(longest_first)
-            mine = set(running.values())
-            for job_id, record in records.items():
-                if job_id in mine or record["state"] in (DONE, FAILED):
-                    continue
-                if record["state"] == RUNNING and not ledger.lease_expired(record):
+            unfinished = [job_id for job_id in longest_first if records[job_id]["state"] not in (DONE, FAILED)]
+            for job_id in unfinished:
+                record = records[job_id]
+                if job_id in runs or (record["state"] == RUNNING and not ledger.lease_expired(record)):
                     continue
                 job = by_id[job_id]
                 connect(ray_address)  # only once there is something to run
-                if len(running) >= _capacity(job):  # claim only what can start now
+                if unfinished != requested:
+                    _request_hosts([by_id[j] for j in unfinished])
+                    requested = unfinished
+                if len(runs) >= _capacity(job):  # claim only what can start now
                     break
                 if ledger.claim(job_id) is None:
                     continue
                 crash_point("sweep.claimed")  # holds a lease, has started nothing
                 heartbeat.hold(job_id)
-                ref = _train_task.options(name=job_id, **job.resources.ray_options()).remote(config, job_id)
-                running[ref] = job_id
+                runs[job_id] = JobRun(config, job)
                 res = job.resources
-                log.info("%s: started: %d SAEs on %d %s (mesh %d x %d)", job_id, len(job.saes), res.devices,
-                         res.accelerator, res.mesh_data, res.mesh_latent)
+                hosts = f"{res.hosts} hosts x " if res.hosts > 1 else ""
+                log.info("%s: started: %d SAEs on %s%d %s (mesh %d x %d)", job_id, len(job.saes), hosts,
+                         res.devices, res.accelerator, res.mesh_data, res.mesh_latent)
             records = ledger.records(list(by_id))
             bar.n = sum(job.steps(batch) if records[job.id]["state"] == DONE
                         else _latest_step(config, job) for job in jobs)
@@ -231,27 +234,29 @@ def _run_jobs(config: Config, jobs: list[Job], ledger: JobLedger, heartbeat: _He
             bar.set_postfix(done=sum(r["state"] == DONE for r in records.values()), running=active,
                             failed=sum(r["state"] == FAILED for r in records.values()))
             bar.refresh()
-            if not running and active == 0:
+            if not runs and active == 0:
                 break
-            if not running:  # only other launchers' jobs are left: watch their leases
+            if not runs:  # only other launchers' jobs are left: watch their leases
                 time.sleep(config.sweep.heartbeat_seconds)
                 continue
-            finished, _ = ray.wait(list(running), num_returns=1, timeout=config.sweep.heartbeat_seconds)
+            owner = {ref: job_id for job_id, run in runs.items() for ref in run.pending}
+            finished, _ = ray.wait(list(owner), num_returns=1, timeout=config.sweep.heartbeat_seconds)
             for job_id in sorted(heartbeat.lost):
-                for ref, held in list(running.items()):
-                    if held == job_id:
-                        ray.cancel(ref, force=True)
-                        del running[ref]
+                if job_id in runs:
+                    runs.pop(job_id).stop()
                 heartbeat.lost.discard(job_id)
             for ref in finished:
-                job_id = running.pop(ref, None)
-                if job_id is None:
+                run = runs.get(owner[ref])
+                if run is None or not run.collect(ref):
                     continue
-                heartbeat.drop(job_id)
-                outcome = _collect(ref, job_id, ledger)
+                del runs[run.job.id]
+                heartbeat.drop(run.job.id)
+                outcome = _settle(run, ledger)
                 if outcome:
                     run_now += 1
                     tokens_run += outcome["steps_run"] * batch
+    if requested:
+        request_resources(bundles=[])  # nothing left to scale for
     records = ledger.records(list(by_id))
     seconds = time.perf_counter() - began
     failed = {job_id: r["error"] for job_id, r in records.items() if r["state"] == FAILED}
@@ -259,26 +264,24 @@ def _run_jobs(config: Config, jobs: list[Job], ledger: JobLedger, heartbeat: _He
                         tokens_run / seconds if seconds else 0.0, seconds, harvested)
 
 
-def _collect(ref, job_id: str, ledger: JobLedger) -> dict | None:
-    """Record a finished task in the ledger; its result if it trained to the end."""
-    try:
-        result = ray.get(ref)
-    except TaskCancelledError:
-        return None
-    except Exception as err:  # noqa: BLE001 - every failure is recorded, then classified
-        cause = _cause(err)
-        if isinstance(cause, Preempted):
-            ledger.fail(job_id, str(cause), counts=False)
-            log.warning("%s: preempted; pending again", job_id)
-        elif isinstance(cause, UserError):
-            ledger.fail(job_id, str(cause), final=True)
-            log.error("%s: failed: %s", job_id, cause)
-        else:
-            record = ledger.fail(job_id, repr(cause) if not isinstance(err, RayTaskError) else str(cause))
-            state = record["state"] if record else "?"
-            log.warning("%s: attempt failed (%r); now %s", job_id, cause, state)
-        return None
-    ledger.finish(job_id, result)
-    log.info("%s: done (%d steps, %d run now, %.0f tokens/s)", job_id, result["steps"], result["steps_run"],
-             result["tokens_per_s"])
-    return result
+def _settle(run: JobRun, ledger: JobLedger) -> dict | None:
+    """Record a finished run in the ledger and free its actors; its result if it trained to the end."""
+    run.stop()
+    job_id = run.job.id
+    if run.error is None:
+        ledger.finish(job_id, run.result)
+        result = run.result
+        log.info("%s: done (%d steps, %d run now, %.0f tokens/s)", job_id, result["steps"], result["steps_run"],
+                 result["tokens_per_s"])
+        return result
+    cause, message = run.cause()
+    record = ledger.fail(job_id, message, cause=cause)
+    state = record["state"] if record else "?"
+    if cause == PREEMPTION:
+        log.warning("%s: preempted (%s); now %s, resuming from its last checkpoint when restarted", job_id,
+                    message, state)
+    elif cause == USER_ERROR:
+        log.error("%s: failed: %s", job_id, message)
+    else:
+        log.warning("%s: attempt failed (%s); now %s", job_id, message, state)
+    return None

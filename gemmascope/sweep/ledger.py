@@ -1,7 +1,10 @@
 """The sweep's job ledger: one record per job under RUN/sweep/jobs/, updated by compare-and-swap.
 
 A record is pending, running (with the launcher that holds it and a lease that launcher
-renews), done, or failed (with the error and the attempt count). Every change is a
+renews), done, or failed (with the error, the attempt count and the preemption count).
+Attempts count failures of the job itself; preemptions (its node taken away, SIGTERM)
+have a budget of their own, so a spot cluster's churn does not use up the attempts
+that catch a job which fails again and again. Every change is a
 compare-and-swap on the record (`gemmascope.versioned`), so of two launchers that try to
 claim a job at once exactly one wins, and a launcher that stops renewing its lease loses
 the job to the next one once the lease has expired. A launcher on the same host whose
@@ -21,6 +24,8 @@ from gemmascope import storage, versioned
 from gemmascope.config import SweepConfig
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+# Why a run ended without finishing: what `JobLedger.fail` charges it to.
+FAILURE, PREEMPTION, USER_ERROR = "failure", "preemption", "user error"
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,7 @@ class JobLedger:
         """A pending record for every job that has none yet."""
         for job_id in job_ids:
             self._update(job_id, lambda record, job_id=job_id: None if record else {
-                "job": job_id, "state": PENDING, "attempts": 0, "runs": 0, "owner": None,
+                "job": job_id, "state": PENDING, "attempts": 0, "preemptions": 0, "runs": 0, "owner": None,
                 "lease_expires": None, "error": None})
 
     def lease_expired(self, record: dict) -> bool:
@@ -128,23 +133,29 @@ class JobLedger:
         self._update(job_id, lambda record: {**record, "state": DONE, "owner": None, "lease_expires": None,
                                              "error": None, "result": result} if self._mine(record) else None)
 
-    def fail(self, job_id: str, error: str, *, counts: bool = True, final: bool = False) -> dict | None:
-        """Give the job back after an error: pending again while attempts remain, else failed.
+    def fail(self, job_id: str, error: str, *, cause: str = FAILURE) -> dict | None:
+        """Give the job back after it stopped unfinished: pending again while its budget lasts.
 
-        `counts=False` (a preemption) leaves the attempt count alone; `final` (a user error,
-        which would fail again) fails the job at once.
+        A FAILURE uses one of sweep.max_attempts, a PREEMPTION one of sweep.max_preemptions;
+        a USER_ERROR (bad input, which would fail again) fails the job at once.
         """
         def change(record):
             if not self._mine(record):
                 return None
-            attempts = record["attempts"] + (1 if counts else 0)
-            state = FAILED if final or attempts >= self.sweep.max_attempts else PENDING
-            return {**record, "state": state, "attempts": attempts, "owner": None, "lease_expires": None,
-                    "error": error}
+            attempts = record["attempts"] + (cause == FAILURE)
+            preemptions = record.get("preemptions", 0) + (cause == PREEMPTION)
+            spent = attempts >= self.sweep.max_attempts or preemptions > self.sweep.max_preemptions
+            message = error
+            if cause == PREEMPTION and preemptions > self.sweep.max_preemptions:
+                message = f"preempted {preemptions} times (sweep.max_preemptions={self.sweep.max_preemptions}); " \
+                          f"last: {error}"
+            state = FAILED if cause == USER_ERROR or spent else PENDING
+            return {**record, "state": state, "attempts": attempts, "preemptions": preemptions, "owner": None,
+                    "lease_expires": None, "error": message}
 
         return self._update(job_id, change)
 
     def reopen(self, job_id: str, states: tuple[str, ...] = (DONE, FAILED)) -> bool:
-        """A finished job (in `states`) back to pending with a fresh attempt count."""
-        return self._update(job_id, lambda record: {**record, "state": PENDING, "attempts": 0}
+        """A finished job (in `states`) back to pending with fresh attempt and preemption counts."""
+        return self._update(job_id, lambda record: {**record, "state": PENDING, "attempts": 0, "preemptions": 0}
                             if record and record["state"] in states else None) is not None

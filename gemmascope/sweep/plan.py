@@ -137,6 +137,12 @@ def _tokens(n: int) -> str:
     return f"{n / 1e9:g}B" if n >= 10**9 else f"{n / 1e6:g}M" if n >= 10**6 else f"{n:,}"
 
 
+def _devices(resources: dict) -> str:
+    """e.g. "8", or "2x8" for a job spanning two hosts of 8 devices."""
+    hosts = resources.get("hosts", 1)
+    return f"{hosts}x{resources['devices']}" if hosts > 1 else str(resources["devices"])
+
+
 def format_plan(result: dict) -> str:
     """A readable table: one line per job, then the totals."""
     lines = [f"{result['config']}: {result['sae_count']} SAEs in {result['job_count']} jobs on "
@@ -149,7 +155,7 @@ def format_plan(result: dict) -> str:
         widths = sorted({int(name.split("-")[0][1:]) for name in job["saes"]})
         lines.append(
             f"{job['id']:<28} {len(job['saes']):>4} {'+'.join(width_label(w) for w in widths):<14} "
-            f"{_tokens(job['tokens']):>8} {job['steps']:>9,} {res['devices']:>3} {res['accelerator']:<3} "
+            f"{_tokens(job['tokens']):>8} {job['steps']:>9,} {_devices(res):>3} {res['accelerator']:<3} "
             f"{res['mesh_data']:>4} x {res['mesh_latent']:<3} {res['device_bytes'] / 2**30:>8.1f} "
             f"{job['flops'] / 1e15:>10,.1f}")
     rate = result["flop_rate"]
