@@ -85,9 +85,9 @@ def test_a_job_whose_node_is_lost_resumes_on_another_node_and_matches_an_uninter
         assert launcher.poll() is None, launcher.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "the job never checkpointed"
         time.sleep(0.05)
-    cluster.add_node(num_cpus=1)  # where the job can go on
     cluster.remove_node(first_node)  # the spot VM is taken away, its processes with it
     lost_after = max(committed_steps(run_dir))
+    cluster.add_node(num_cpus=1)  # where the job can go on
     stdout, stderr = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, stderr[-3000:]
 

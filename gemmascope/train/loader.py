@@ -82,7 +82,7 @@ class ActivationLoader:
                 if state.batch == 0:
                     state = LoaderState(state.epoch, state.bucket, 0, state.skipped_rows + skipped)
                 for index in range(state.batch, len(rows) // self.batch_size):
-                    batch = self.place(rows[index * self.batch_size:(index + 1) * self.batch_size])
+                    batch = rows[index * self.batch_size:(index + 1) * self.batch_size]
                     after = LoaderState(state.epoch, state.bucket, index + 1, state.skipped_rows)
                     if not self._put((after, batch)):
                         return
@@ -103,12 +103,15 @@ class ActivationLoader:
 
     # Consumer ----------------------------------------------------------------------
     def next(self):
-        """The next batch; `self.state` becomes the position after it (what a checkpoint saves)."""
+        """The next batch, placed by `place` on this (the training) thread: a transfer issued
+        from the reading thread can interleave with a multi-device step, and XLA's CPU
+        collectives then wait for a device that never joins (seen with 2 devices).
+        `self.state` becomes the position after the batch (what a checkpoint saves)."""
         state, batch = self._queue.get()
         if state is None:
             raise batch
         self.state = state
-        return batch
+        return self.place(batch)
 
     def throughput(self) -> dict:
         """What the loader has read so far: `read_bytes`, `read_mib_s` (bytes per second of
