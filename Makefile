@@ -86,18 +86,21 @@ clean:
 
 # A Ray cluster on GCP (infra/ray/*.yaml; README "Running on a cluster"). The dashboard and
 # job server stay on the head's 127.0.0.1: `submit` reaches them through `ray dashboard`
-# (an SSH port-forward) for the time of the submission.
+# (an SSH port-forward) for the time of the submission. Every Ray port asks for the
+# cluster's token (~/.ray/auth_token, generated here, copied to each node by the YAML).
 CLUSTER ?= infra/ray/gcp-gpu.yaml
 # What `submit` runs on the cluster: sweep (harvest first, then training) or harvest.
 STAGE ?= sweep
 DASHBOARD_PORT ?= 8265
-RAY_JOBS := $(BIN)/ray job
+RAY_JOBS := RAY_AUTH_MODE=token $(BIN)/ray job
+ON_HEAD := export RAY_AUTH_MODE=token;
 # ARGS once more single-quoted: the job's entrypoint is a shell command line on the head.
 QUOTED_ARGS = '$(subst ','"'"',$(ARGS))'
 
 cluster-up: $(STAMP)
 	$(BIN)/python -c 'import googleapiclient' 2>/dev/null || \
 		$(BIN)/python -m pip install --quiet 'google-api-python-client>=2.100,<3'
+	$(BIN)/ray get-auth-token --generate > /dev/null
 	$(BIN)/ray up -y $(CLUSTER)
 	@echo "Cluster up. Next: make submit CLUSTER=$(CLUSTER) CONFIG=... ARGS='run_dir=gs://BUCKET/...'"
 	@echo "Shell on the head: $(BIN)/ray attach $(CLUSTER)"
@@ -106,8 +109,8 @@ cluster-down: $(STAMP)
 	$(BIN)/ray down -y $(CLUSTER)
 
 cluster-status: $(STAMP)
-	$(BIN)/ray exec $(CLUSTER) 'ray status'
-	$(BIN)/ray exec $(CLUSTER) 'ray job list --address http://127.0.0.1:8265'
+	$(BIN)/ray exec $(CLUSTER) '$(ON_HEAD) ray status'
+	$(BIN)/ray exec $(CLUSTER) '$(ON_HEAD) ray job list --address http://127.0.0.1:8265'
 	$(BIN)/ray exec $(CLUSTER) "cd ~/gemmascope && gemmascope status $(CONFIG) "$(QUOTED_ARGS)
 
 submit: $(STAMP)
@@ -132,9 +135,9 @@ submit: $(STAMP)
 		-- "gemmascope $(STAGE) $(CONFIG) $$args"; \
 	echo; \
 	echo "Submitted $$id: gemmascope $(STAGE) $(CONFIG) $$args"; \
-	echo "Follow its log:   $(BIN)/ray exec $(CLUSTER) 'ray job logs -f $$id --address http://127.0.0.1:8265'"; \
+	echo "Follow its log:   $(BIN)/ray exec $(CLUSTER) '$(ON_HEAD) ray job logs -f $$id --address http://127.0.0.1:8265'"; \
 	echo "  or, with the dashboard forwarded ($(BIN)/ray dashboard $(CLUSTER) &):"; \
 	echo "                  $(RAY_JOBS) logs -f $$id --address http://127.0.0.1:$(DASHBOARD_PORT)"; \
-	echo "Stop it:          $(BIN)/ray exec $(CLUSTER) 'ray job stop $$id --address http://127.0.0.1:8265'"; \
+	echo "Stop it:          $(BIN)/ray exec $(CLUSTER) '$(ON_HEAD) ray job stop $$id --address http://127.0.0.1:8265'"; \
 	echo "Cluster status:   make cluster-status CLUSTER=$(CLUSTER) CONFIG=$(CONFIG) ARGS=..."; \
 	echo "Shell on head:    $(BIN)/ray attach $(CLUSTER)"

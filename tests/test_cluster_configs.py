@@ -192,13 +192,18 @@ def setup_problems(config: dict, docker_pins: dict[str, str]) -> list[str]:
 
 
 def exposure_problems(config: dict, text: str) -> list[str]:
-    """No public dashboard and no credentials written in the file."""
+    """No public dashboard, token authentication on every node, and no credentials in the file."""
     problems = []
     head_start = " ".join(config.get("head_start_ray_commands", []))
     if "--dashboard-host=127.0.0.1" not in head_start:
         problems.append("the dashboard is not bound to 127.0.0.1 on the head")
     if re.search(r"dashboard-host[= ](0\.0\.0\.0|::)", head_start):
         problems.append("the dashboard listens on every interface")
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        if "export RAY_AUTH_MODE=token;" not in " ".join(config.get(key, [])):
+            problems.append(f"{key} start Ray without token authentication")
+    if config.get("file_mounts", {}).get("~/.ray/auth_token") != "~/.ray/auth_token":
+        problems.append("file_mounts do not give every node the cluster's token")
     if "ssh_private_key" in config.get("auth", {}):
         problems.append("auth names a private key file")
     for pattern in (r"PRIVATE KEY", r"GOOGLE_APPLICATION_CREDENTIALS", r"\"private_key\"",
@@ -401,6 +406,11 @@ def test_exposure_rule_can_fail():
     assert exposure_problems(public, text)
     assert exposure_problems(_set(_gpu(), lambda c: c["auth"].update(ssh_private_key="~/.ssh/key.pem")), text)
     assert exposure_problems(_gpu(), text + "\n# -----BEGIN PRIVATE KEY-----\n")
+    no_auth = _set(_gpu(), lambda c: c.update(worker_start_ray_commands=[
+        s.replace("export RAY_AUTH_MODE=token;", "") for s in c["worker_start_ray_commands"]]))
+    assert exposure_problems(no_auth, text) == ["worker_start_ray_commands start Ray without token authentication"]
+    no_token = _set(_gpu(), lambda c: c["file_mounts"].pop("~/.ray/auth_token"))
+    assert exposure_problems(no_token, text) == ["file_mounts do not give every node the cluster's token"]
 
 
 BROKEN_DOCKERFILE = {
