@@ -12,7 +12,8 @@ from gemmascope.models.loading import ModelInfo
 from gemmascope.sweep.plan import format_plan, plan
 from tests.harvest_helpers import ROOT, cli
 
-INFO = ModelInfo("test", "gemma2", n_layers=4, d_model=256, n_heads=4, head_dim=64, vocab_size=1000)
+INFO = ModelInfo("test", "gemma2", n_layers=4, d_model=256, n_heads=4, head_dim=64, vocab_size=1000,
+                 d_ff=1024, n_kv_heads=4)
 
 
 def config(workers_per_node: int, *, dtype: str = "bfloat16", budget: float | None = 1000.0) -> Config:
@@ -40,6 +41,22 @@ def test_the_rate_is_the_hand_computation():
     assert result["harvest_write_mib_s_per_node"] == pytest.approx(hand_rate(3), rel=1e-12)
     assert result["harvest_workers_per_node"] == 3
     assert result["node_write_bandwidth_mib_s"] == 1000.0
+
+
+def test_grouped_query_attention_and_the_mlp_width_come_from_the_model():
+    """Gemma 2 2B written out from its config: per layer q and o 2304 x 8 x 256, k and v
+    2304 x 4 x 256, MLP 3 x 2304 x 9216; 2 FLOPs per weight, layers 0..12."""
+    from gemmascope.config import ModelConfig
+    from gemmascope.models.loading import model_info
+    from gemmascope.sweep.plan import forward_flops_per_token
+
+    info = model_info(ModelConfig(source="google/gemma-2-2b"))
+    assert (info.d_ff, info.n_kv_heads) == (9216, 4)
+    per_layer = 2 * 2304 * 8 * 256 + 2 * 2304 * 4 * 256 + 3 * 2304 * 9216
+    assert forward_flops_per_token(info, 12) == 2 * 13 * per_layer
+    # A store recorded without them: the upper bound (kv heads = heads, d_ff = 4 d_model).
+    old = ModelInfo("old", "gemma2", 26, 2304, 8, 256, 256000)
+    assert forward_flops_per_token(old, 12) == 2 * 13 * (4 * 2304 * 8 * 256 + 12 * 2304 * 2304)
 
 
 def test_a_rate_over_the_budget_warns_naming_both_numbers_and_remedies():

@@ -44,6 +44,9 @@ class ModelInfo:
     n_heads: int
     head_dim: int
     vocab_size: int
+    # For forward-cost estimates only; None in stores harvested before they were recorded.
+    d_ff: int | None = None  # the gated MLP's width
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention)
 
     def site_width(self, site: str) -> int:
         """d_in of `site`'s activations in this model."""
@@ -201,13 +204,15 @@ def read_info(name: str, hf_config: Any) -> ModelInfo:
         n_heads=hf_config.num_attention_heads,
         head_dim=hf_config.head_dim,
         vocab_size=hf_config.vocab_size,
+        d_ff=hf_config.intermediate_size,
+        n_kv_heads=hf_config.num_key_value_heads,
     )
 
 
 # The released Gemma 2 shapes (SPEC.md section 8), so a plan for a hub model needs no
-# network: (layers, d_model, query heads, head_dim, vocab).
-_GEMMA2_SHAPES = {"2b": (26, 2304, 8, 256, 256000), "9b": (42, 3584, 16, 256, 256000),
-                  "27b": (46, 4608, 32, 128, 256000)}
+# network: (layers, d_model, query heads, head_dim, vocab, MLP width, key/value heads).
+_GEMMA2_SHAPES = {"2b": (26, 2304, 8, 256, 256000, 9216, 4), "9b": (42, 3584, 16, 256, 256000, 14336, 8),
+                  "27b": (46, 4608, 32, 128, 256000, 36864, 16)}
 KNOWN_HUB_SHAPES = {f"google/gemma-2-{size}{variant}": shape
                     for size, shape in _GEMMA2_SHAPES.items() for variant in ("", "-it")}
 
@@ -232,8 +237,7 @@ def model_info(config: ModelConfig) -> ModelInfo:
     from transformers import AutoConfig
 
     if config.source in KNOWN_HUB_SHAPES:
-        n_layers, d_model, n_heads, head_dim, vocab = KNOWN_HUB_SHAPES[config.source]
-        return ModelInfo(config.source, "gemma2", n_layers, d_model, n_heads, head_dim, vocab)
+        return ModelInfo(config.source, "gemma2", *KNOWN_HUB_SHAPES[config.source])
     location = resolve_source(config.source)
     try:
         hf_config = AutoConfig.from_pretrained(location, revision=config.revision)

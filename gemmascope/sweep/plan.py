@@ -11,10 +11,10 @@ worker forwards tokens at sweep.device_flops x sweep.utilisation / (forward FLOP
 token), every token becomes one row of every harvested array, and
 harvest.workers_per_node workers share a node's network. Forward FLOPs per token are
 2 x the weights of the layers up to the last harvested one, each layer taken as
-attention (q, k, v, o: 4 x d_model x n_heads x head_dim; k and v as if there were as
-many key/value heads as query heads, an upper bound under grouped-query attention) and
-a gated MLP of width 4 x d_model (3 x 4 x d_model^2); attention scores, norms and the
-embedding lookup are left out. `plan` warns when the rate exceeds
+attention (q and o: d_model x n_heads x head_dim each, k and v: d_model x n_kv_heads x
+head_dim each) and a gated MLP of width d_ff (3 x d_model x d_ff); attention scores,
+norms and the embedding lookup are left out. A store recorded before d_ff and n_kv_heads
+were lets them default to 4 x d_model and n_heads (an upper bound). `plan` warns when the rate exceeds
 storage.node_write_bandwidth_mib_s.
 """
 
@@ -82,8 +82,11 @@ def describe(config: Config, info: ModelInfo, jobs: list[Job]) -> dict:
 
 def forward_flops_per_token(info: ModelInfo, last_layer: int) -> float:
     """Forward FLOPs per token through decoder layers 0..last_layer (see the module doc)."""
-    d, heads = info.d_model, info.n_heads * info.head_dim
-    return 2.0 * (last_layer + 1) * (4 * d * heads + 12 * d * d)
+    d = info.d_model
+    d_ff = info.d_ff or 4 * d
+    kv_heads = info.n_kv_heads or info.n_heads
+    attention = 2 * d * info.head_dim * (info.n_heads + kv_heads)
+    return 2.0 * (last_layer + 1) * (attention + 3 * d * d_ff)
 
 
 def harvest_write_rate(config: Config, info: ModelInfo, bytes_per_row: int, last_layer: int) -> dict:
