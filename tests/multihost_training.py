@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from gemmascope.faults import VARIABLES
+
 ROOT = Path(__file__).resolve().parent.parent
 GEMMASCOPE = str(Path(sys.executable).parent / "gemmascope")
 GRACE_S = 30.0
@@ -52,7 +54,8 @@ def start(config_path: str, job: str, *, processes: int, devices: int,
           env: dict[str, str] | None = None) -> list[Process]:
     """`processes` copies of `gemmascope train` (multi-host flags when more than one), each
     seeing `devices` CPU devices."""
-    environment = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT),
+    inherited = {k: v for k, v in os.environ.items() if k not in VARIABLES}
+    environment = {**inherited, **(env or {}), "PYTHONPATH": str(ROOT),
                    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     command = [GEMMASCOPE, "train", config_path, "--job", job, "--no-progress"]
     port = free_port()

@@ -39,7 +39,7 @@ class Checkpoints:
         self.directory = storage.normalize(url)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
-        barrier(f"checkpoints listed {self.directory}")
+        barrier("checkpoints listed")
         for step in self.manager.all_steps():
             if not storage.exists(self._manifest_url(step)):
                 log.warning("%s: step %d has no %s (killed while saving); deleting it", self.directory, step,

@@ -48,7 +48,8 @@ log = logging.getLogger("gemmascope.train")
 
 
 class Preempted(UserError):
-    """SIGTERM arrived; the job checkpointed and stopped. Rerun to continue."""
+    """SIGTERM arrived; the job checkpointed and stopped. Rerun to continue. In a multi-host
+    job a SIGTERM on any host stops every process at one agreed step (`PreemptionWatch`)."""
 
     exit_code = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
 
