@@ -49,8 +49,10 @@ def _run_cli(config_path: str, *extra: str) -> subprocess.Popen:
 
 
 def _checkpoint_steps(run_dir: Path) -> list[int]:
+    """Committed checkpoints only: a step directory counts once its manifest is written."""
     directory = run_dir / "train" / "res-L0-w512" / "checkpoints"
-    return sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit()) if directory.exists() else []
+    return sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit()
+                  and (p / "checksums.json").exists()) if directory.exists() else []
 
 
 def _wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, at_least: int) -> None:
