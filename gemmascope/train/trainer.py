@@ -220,8 +220,10 @@ def train_job(config: Config, job_id: str, *, progress: bool = True,
             save()
     finally:
         loader.close()
+        # Also after a failed save: Orbax's writer threads must stop before the interpreter
+        # does, or they print tracebacks after the command's one error line.
+        checkpoints.close()
     _export(directory, job, group, state, scale, normalisation)
-    checkpoints.close()
     seconds = time.perf_counter() - began
     return TrainResult(job.id, directory, total, total - start,
                        (total - start) * cfg.batch_size / seconds if total > start else 0.0)
