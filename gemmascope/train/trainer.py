@@ -112,13 +112,19 @@ class _MetricsLog:
         storage.write_bytes_atomic(self.url, ("\n".join(self.lines) + "\n").encode())
 
 
-def _records(group: Group, metrics: dict, step: int, tokens_per_s: float, batch: int, skipped: int) -> list[dict]:
+def _records(group: Group, metrics: dict, step: int, tokens_per_s: float, batch: int,
+             loader: ActivationLoader) -> list[dict]:
+    """One metrics.jsonl record per SAE; with the loader's position in the data and its read
+    rate (MiB/s of store reads, what the store delivers: on GCS, what the request
+    concurrency of the storage section buys)."""
+    read = loader.throughput()
     return [{
         "step": step, "sae": group.name(i), "width": width, "sparsity": sparsity,
         "l0": float(metrics["l0"][i]), "mse": float(metrics["mse"][i]), "fvu": float(metrics["fvu"][i]),
         "loss": float(metrics["loss"][i]), "dead_fraction": float(metrics["dead_fraction"][i]),
         "lambda": sparsity * float(metrics["sparsity_factor"]), "lr": float(metrics["lr"]),
-        "tokens": step * batch, "tokens_per_s": tokens_per_s, "nonfinite_rows_skipped": skipped,
+        "tokens": step * batch, "tokens_per_s": tokens_per_s, "nonfinite_rows_skipped": loader.state.skipped_rows,
+        "loader_read_mib_s": read["read_mib_s"], "loader_read_bytes": read["read_bytes"],
         "sparse_step": bool(metrics["sparse_step"][i]),
     } for i, (width, sparsity) in enumerate(group.saes)]
 
@@ -202,7 +208,7 @@ def train_job(config: Config, job_id: str, *, progress: bool = True,
                     now = time.perf_counter()
                     rate = (done - window_step) * cfg.batch_size / (now - window_start)
                     window_start, window_step = now, done
-                    records = _records(group, metrics, done, rate, cfg.batch_size, loader.state.skipped_rows)
+                    records = _records(group, metrics, done, rate, cfg.batch_size, loader)
                     if metrics_log:
                         for record in records:
                             metrics_log.write(record)
