@@ -126,6 +126,7 @@ RULES = {
                                        frequency_coefficient=2.0, bandwidth=0.01),
     "relu_l1": arch.ReLUL1(l1_coefficient=0.05),
     "topk": arch.TopK(k=6, aux_k=8, aux_coefficient=0.25),
+    "topk_past_zero": arch.TopK(k=40, aux_k=8, aux_coefficient=0.25),  # rows keep negatives: the ReLU shows
     "batchtopk": arch.BatchTopK(k=6, aux_k=8, aux_coefficient=0.25),
     "matryoshka": arch.MatryoshkaBatchTopK(k=6, prefixes=(8, 16, 32, 64), aux_k=8, aux_coefficient=0.25),
 }
@@ -496,7 +497,7 @@ def test_matryoshka_prefix_validation():
 def test_target_l0_training_reaches_the_target(target):
     """64 atoms, 3 active per row, width 128, SPEC bandwidth 0.001, 400 Adam steps: the
     held-out L0 ends within 10% of the target on either side of the data's natural 3
-    (measured 4.0 -> ~4.1, 16.0 -> ~16.5), from a start at L0 ~ 35."""
+    (measured 4.0 -> 3.88, 16.0 -> 16.43), from a start at L0 ~ 35."""
     rows, _ = sparse_dictionary_data(12288, 32, 64, 3, seed=0)
     rows = jnp.asarray(unit_scale(rows))
     rule = arch.TargetL0JumpReLU(target_l0=target, l0_coefficient=1.0, frequency_threshold=0.5,
