@@ -170,27 +170,72 @@ class HarvestConfig:
 
 
 @dataclass(frozen=True)
+class Architecture:
+    """What the config and the plan need to know of an SAE architecture (the math is in
+    `gemmascope.train.arch`, the training wiring in `gemmascope.train.architectures`)."""
+
+    knob: str  # the SAEGridEntry key holding its sparsity knob, the grid's third axis
+    prefix: str  # SAE names are w<width>-<prefix><knob>
+    jumprelu_shaped: bool  # exported as a Gemma Scope params.npz (a JumpReLU SAE at inference)
+
+
+ARCHITECTURES = {
+    "jumprelu": Architecture("sparsity", "s", True),  # SPEC.md 2: lambda * L0
+    "jumprelu_target_l0": Architecture("l0_targets", "l0_", True),  # SPEC.md 7b: quadratic pull to a target L0
+    "topk": Architecture("k", "k", False),  # each row keeps its k largest latents (+ AuxK)
+    "batchtopk": Architecture("k", "btk", True),  # the batch keeps B*k; exported with a learned global threshold
+    "matryoshka_batchtopk": Architecture("k", "mbtk", True),  # BatchTopK whose nested prefixes reconstruct alone
+    "relu_l1": Architecture("sparsity", "l1_", True),  # ReLU + L1 (sparsity = the L1 coefficient); threshold 0
+}
+# SPEC.md 7b labels L0 targets small (10-20), medium (30-60), big (90-150): each label is its range's middle.
+L0_TARGET_LABELS = {"small": 15, "medium": 45, "big": 120}
+DEFAULT_SPARSITY = (6e-4,)  # a jumprelu block without `sparsity`: the known point, L0 ~ 50 on 9B layer 20 res
+
+
+def sae_name(width: int, architecture: str, knob: float) -> str:
+    """An SAE's name within its job: w16384-s0.0006 (JumpReLU, as released runs name them),
+    w16384-l0_45, w16384-k32, w16384-btk32, w16384-mbtk32, w16384-l1_0.01."""
+    return f"w{width}-{ARCHITECTURES[architecture].prefix}{knob:g}"
+
+
+@dataclass(frozen=True)
 class SAEGridEntry:
-    """One block of the SAE grid: every (site, layer) gets every width x sparsity."""
+    """One block of the SAE grid: every (site, layer) gets every width x sparsity knob value.
+
+    The knob is the architecture's own: `sparsity` for jumprelu (lambda) and relu_l1 (the
+    L1 coefficient), `l0_targets` for jumprelu_target_l0, `k` for topk, batchtopk and
+    matryoshka_batchtopk. Giving another architecture's knob is an error, not ignored.
+    """
 
     sites: tuple[str, ...] = ("res",)
     # Zero-indexed layers, or "all" (every layer of the model).
     layers: tuple[int, ...] | Literal["all"] = (6,)
     # Latents per SAE, powers of two (the release layout names them 16k ... 1m).
     widths: tuple[int, ...] = (16384,)
-    # Sparsity coefficients lambda (Gemma Scope: lambda = 6e-4 gave L0 ~ 50 on 9B layer 20 res).
-    sparsity: tuple[float, ...] = (6e-4,)
+    # "jumprelu" (Gemma Scope), "jumprelu_target_l0" (Gemma Scope 2), "topk", "batchtopk",
+    # "matryoshka_batchtopk" or "relu_l1"; their training knobs are in the train section.
+    architecture: Literal["jumprelu", "jumprelu_target_l0", "topk", "batchtopk", "matryoshka_batchtopk",
+                          "relu_l1"] = "jumprelu"
+    # jumprelu: lambda values (Gemma Scope: lambda = 6e-4 gave L0 ~ 50 on 9B layer 20 res;
+    # null: [6e-4]). relu_l1: L1 coefficients (required). Other architectures: not allowed.
+    sparsity: tuple[float, ...] | None = None
+    # jumprelu_target_l0 only: target L0s, integers or the labels small (15), medium (45), big (120).
+    l0_targets: tuple[int | Literal["small", "medium", "big"], ...] | None = None
+    # topk, batchtopk, matryoshka_batchtopk only: latents kept per row (per row on average for
+    # the batch rules), at most the smallest width.
+    k: tuple[int, ...] | None = None
     # Training tokens per SAE; null: train.tokens (Gemma Scope: 4B for 2^14, 16B for 2^20, else 8B).
     tokens: int | None = None
     # The site the SAE reconstructs; null: its input site. A transcoder reads mlp_in and
     # reconstructs mlp (SPEC.md section 5).
     target: str | None = None
-    # Start every SAE of this block from a released SAE (a Gemma Scope params.npz folder or a
-    # SAELens folder, local or gs://) instead of the recipe's initialisation.
+    # Start every SAE of this block from a released JumpReLU SAE (a Gemma Scope params.npz
+    # folder or a SAELens folder, local or gs://) instead of the recipe's initialisation;
+    # jumprelu and jumprelu_target_l0 only (the others have no thresholds to take).
     init_from: str | None = None
 
     def __post_init__(self) -> None:
-        for key in ("sites", "layers", "widths", "sparsity"):
+        for key in ("sites", "layers", "widths"):
             if not getattr(self, key):
                 raise InvalidValue(key, [], "the SAE grid is empty")
         for site in (*self.sites, *([self.target] if self.target else [])):
@@ -204,13 +249,42 @@ class SAEGridEntry:
         for i, width in enumerate(self.widths):
             if width < 2 or width & (width - 1):
                 raise InvalidValue(f"widths[{i}]", width, "must be a power of two (the release layout names widths by it)")
-        for i, value in enumerate(self.sparsity):
-            if value < 0:
-                raise InvalidValue(f"sparsity[{i}]", value, "must be >= 0")
+        self._check_knobs()
         if self.tokens is not None and self.tokens < 1:
             raise InvalidValue("tokens", self.tokens, "must be >= 1")
         if self.init_from is not None:
             _check_url("init_from", self.init_from)
+            if not self.architecture.startswith("jumprelu"):
+                raise InvalidValue("init_from", self.init_from, f"a released JumpReLU SAE can start jumprelu and "
+                                   f"jumprelu_target_l0 SAEs only, not {self.architecture}")
+
+    def _check_knobs(self) -> None:
+        """Exactly the architecture's own knob, non-empty, each value usable."""
+        own = ARCHITECTURES[self.architecture].knob
+        for key in ("sparsity", "l0_targets", "k"):
+            if key != own and getattr(self, key) is not None:
+                raise InvalidValue(key, list(getattr(self, key)), f"not a knob of architecture {self.architecture} "
+                                   f"(it takes {own})")
+        if self.architecture == "jumprelu" and self.sparsity is None:
+            object.__setattr__(self, "sparsity", DEFAULT_SPARSITY)
+        values = getattr(self, own)
+        if values is None:
+            raise InvalidValue(own, None, f"architecture {self.architecture} needs {own} values")
+        if not values:
+            raise InvalidValue(own, [], "the SAE grid is empty")
+        for i, value in enumerate(values):
+            if own == "sparsity" and value < 0:
+                raise InvalidValue(f"sparsity[{i}]", value, "must be >= 0")
+            if own != "sparsity" and not isinstance(value, str) and value < 1:
+                raise InvalidValue(f"{own}[{i}]", value, "must be >= 1")
+            if own == "k" and value > min(self.widths):
+                raise InvalidValue(f"k[{i}]", value, f"more than the width {min(self.widths)}")
+
+    @property
+    def knobs(self) -> tuple[float, ...]:
+        """The values of the architecture's sparsity knob, labels resolved (target L0s as numbers)."""
+        values = getattr(self, ARCHITECTURES[self.architecture].knob)
+        return tuple(float(L0_TARGET_LABELS.get(value, value)) for value in values)
 
 
 @dataclass(frozen=True)
@@ -313,15 +387,39 @@ class TrainConfig:
     # most this fraction of the width in every row take the sparse path (same result,
     # work in proportion to the active latents); 0 keeps every step dense.
     sparse_max_density: float = 0.05
+    # --- Knobs of the other architectures (saes[].architecture); JumpReLU ignores them.
+    # jumprelu_target_l0 (SPEC.md 7b leaves the coefficients unspecified): the weight of
+    # (L0 / target - 1)^2, and the linear penalty on latents firing on more than
+    # `frequency_threshold` of a batch's rows (0 turns it off). Both warm up with lambda.
+    target_l0_coefficient: float = 1.0
+    frequency_threshold: float = 0.1
+    frequency_coefficient: float = 1.0
+    # topk, batchtopk, matryoshka_batchtopk: AuxK (Gao et al. 2024) over the latents dead for
+    # dead_window_tokens: the top aux_k of them explain the residual, weighted by
+    # aux_coefficient (Gao: 1/32; 0 turns AuxK off).
+    aux_k: int = 512
+    aux_coefficient: float = 0.03125
+    # batchtopk, matryoshka_batchtopk: the EMA rate of the global threshold exported with the
+    # SAE (the running smallest kept activation; Bussmann et al.: 0.01).
+    threshold_ema_rate: float = 0.01
+    # matryoshka_batchtopk: nested prefixes width/2^(levels-1), ..., width/2, width.
+    matryoshka_levels: int = 4
 
     def __post_init__(self) -> None:
         for key in ("tokens", "batch_size", "checkpoint_every", "log_every", "norm_sample_rows",
-                    "shuffle_rows", "mesh_latent", "prefetch_batches", "dead_window_tokens"):
+                    "shuffle_rows", "mesh_latent", "prefetch_batches", "dead_window_tokens", "aux_k",
+                    "matryoshka_levels"):
             if getattr(self, key) < 1:
                 raise InvalidValue(key, getattr(self, key), "must be >= 1")
-        for key in ("lr", "bandwidth", "threshold_init", "adam_eps"):
+        for key in ("lr", "bandwidth", "threshold_init", "adam_eps", "target_l0_coefficient"):
             if not getattr(self, key) > 0:
                 raise InvalidValue(key, getattr(self, key), "must be > 0")
+        for key in ("frequency_coefficient", "aux_coefficient"):
+            if getattr(self, key) < 0:
+                raise InvalidValue(key, getattr(self, key), "must be >= 0")
+        for key in ("frequency_threshold", "threshold_ema_rate"):
+            if not 0 < getattr(self, key) <= 1:
+                raise InvalidValue(key, getattr(self, key), "must be in (0, 1]")
         if self.threshold_lr is not None and not self.threshold_lr > 0:
             raise InvalidValue("threshold_lr", self.threshold_lr, "must be > 0")
         if not 0 <= self.adam_beta2 < 1:
@@ -438,6 +536,11 @@ class Config:
             if tokens < self.train.batch_size:  # zero steps: the "trained" SAE would be its initialisation
                 key = f"saes[{i}].tokens" if entry.tokens else "train.tokens"
                 raise InvalidValue(key, tokens, f"less than one batch (train.batch_size={self.train.batch_size})")
+            levels = self.train.matryoshka_levels
+            if entry.architecture == "matryoshka_batchtopk" and min(entry.widths) < 2 ** (levels - 1):
+                raise InvalidValue(f"saes[{i}].widths", list(entry.widths), f"matryoshka_batchtopk halves the width "
+                                   f"{levels - 1} times (train.matryoshka_levels={levels}): widths must be "
+                                   f">= {2 ** (levels - 1)}")
         if not self.run_dir.strip():
             raise InvalidValue("run_dir", self.run_dir, "empty run directory")
         _check_url("run_dir", self.run_dir)

@@ -201,10 +201,12 @@ def negative(draw) -> Case:
     return Case("negative", draw(BASE), sets=((field.path, in_list(field, draw(number))),), expect=(field.key,))
 
 
-# Fields where 0 is meaningful (no warm-up, no hold-out, layer 0, lambda 0, dense steps only).
+# Fields where 0 is meaningful (no warm-up, no hold-out, layer 0, lambda 0, dense steps only,
+# no frequency penalty, no AuxK, no preemption survived).
 ZERO_OK = {"harvest.layers", "saes[0].layers", "saes[0].sparsity", "train.lr_warmup_steps",
            "train.sparsity_warmup_steps", "train.holdout_rows", "train.seed", "train.adam_beta2",
-           "train.sparse_max_density"}
+           "train.sparse_max_density", "train.frequency_coefficient", "train.aux_coefficient",
+           "sweep.max_preemptions"}
 
 
 @st.composite

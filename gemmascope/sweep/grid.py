@@ -2,8 +2,9 @@
 
 A job trains SAEs that read one activation stream (same site, layer, target and token
 budget) in one jitted step, so the stream is read once for all of them (SPEC.md
-section 7: one data server per (site, layer) feeds the whole lambda grid). SAEs are
-packed into a job in (width, sparsity) order while the job still fits `devices_per_job`
+section 7: one data server per (site, layer) feeds the whole lambda grid), whatever
+their architectures. SAEs are packed into a job in (width, architecture, sparsity
+knob) order while the job still fits `devices_per_job`
 devices; a job's latent axis is the smallest power of two that makes its parameters
 and optimiser state fit one device's share, and the rest of its devices split the batch.
 """
@@ -14,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import groupby
 
-from gemmascope.config import Config, check_against_model
+from gemmascope.config import ARCHITECTURES, Config, check_against_model, sae_name
 from gemmascope.errors import ConfigError, UserError
 from gemmascope.models.loading import ModelInfo
 from gemmascope.models.sites import exists_at
@@ -39,14 +40,17 @@ class SAESpec:
     site: str
     layer: int
     width: int
+    # The architecture's sparsity knob (`config.ARCHITECTURES`): lambda (jumprelu), the L1
+    # coefficient (relu_l1), the target L0 (jumprelu_target_l0) or k (the TopK family).
     sparsity: float
     tokens: int
     target: str  # the reconstructed site; == site unless a transcoder
     init_from: str | None = None  # a released SAE to start from
+    architecture: str = "jumprelu"
 
     @property
     def name(self) -> str:
-        return f"w{self.width}-s{self.sparsity:g}"
+        return sae_name(self.width, self.architecture, self.sparsity)
 
 
 @dataclass(frozen=True)
@@ -103,12 +107,13 @@ def expand(config: Config, info: ModelInfo) -> list[SAESpec]:
         for site in entry.sites:
             for layer in (layer for layer in layers if exists_at(site, layer)):
                 for width in entry.widths:
-                    for sparsity in entry.sparsity:
-                        spec = SAESpec(site, layer, width, sparsity, tokens, entry.target or site, entry.init_from)
-                        key = (site, layer, spec.target, width, sparsity)
+                    for knob in entry.knobs:
+                        spec = SAESpec(site, layer, width, knob, tokens, entry.target or site, entry.init_from,
+                                       entry.architecture)
+                        key = (site, layer, spec.target, spec.name)
                         if key in seen:
-                            raise ConfigError(f"{config.origin}: saes[{index}]: {site} layer {layer} width {width} "
-                                              f"sparsity {sparsity:g} is already in saes[{seen[key]}]")
+                            raise ConfigError(f"{config.origin}: saes[{index}]: {site} layer {layer} SAE {spec.name} "
+                                              f"is already in saes[{seen[key]}]")
                         seen[key] = index
                         saes.append(spec)
         if not any(exists_at(site, layer) for site in entry.sites for layer in layers):
@@ -182,6 +187,12 @@ def _job_name(saes: list[SAESpec]) -> str:
     return f"{stream}-w" + "+".join(width_label(w) for w in sorted({s.width for s in saes}))
 
 
+def _pack_order(spec: SAESpec) -> tuple:
+    """Width, then architecture in `ARCHITECTURES` order (JumpReLU first, so a JumpReLU-only
+    grid packs, and so names its jobs, as it did before there were other architectures)."""
+    return spec.width, list(ARCHITECTURES).index(spec.architecture), spec.sparsity
+
+
 def plan_jobs(config: Config, info: ModelInfo) -> list[Job]:
     """The jobs of the grid: SAEs grouped by stream, packed to fit, with their resources."""
     saes = expand(config, info)
@@ -194,7 +205,7 @@ def plan_jobs(config: Config, info: ModelInfo) -> list[Job]:
     jobs: list[Job] = []
     for (site, layer, target, tokens), members in groupby(sorted(saes, key=stream), key=stream):
         d_in = info.site_width(site)
-        packs = _pack(config, d_in, sorted(members, key=lambda s: (s.width, s.sparsity)))
+        packs = _pack(config, d_in, sorted(members, key=_pack_order))
         names = [_job_name(pack) for pack in packs]
         parts = Counter()
         for pack, name in zip(packs, names, strict=True):

@@ -140,6 +140,8 @@ def train_job(config: Config, job_id: str, *, progress: bool = True,
     if job.target != job.site:
         raise UserError(f"{job.id}: transcoders ({job.site} -> {job.target}) are planned by the sweep but "
                         "this trainer fits SAEs only")
+    if any(spec.architecture != "jumprelu" for spec in job.saes):
+        raise UserError(f"{job.id}: this trainer fits JumpReLU SAEs only so far")
     cfg = job_train_config(config, job)
     key = (job.site, job.layer)
     if key not in store.d_in:
