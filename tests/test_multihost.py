@@ -61,7 +61,7 @@ def _job_file(run_dir: Path, name: str) -> Path:
 def _metrics(run_dir: Path) -> list[dict]:
     """metrics.jsonl without its timings."""
     records = [json.loads(line) for line in _job_file(run_dir, "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in record.items() if k != "tokens_per_s"} for record in records]
+    return [{k: v for k, v in record.items() if k not in ("tokens_per_s", "loader_read_mib_s")} for record in records]
 
 
 def _checkpoints(run_dir: Path) -> list[int]:

@@ -41,10 +41,9 @@ def test_recovers_a_known_sparse_dictionary(tmp_path):
     assert not records[0]["sparse_step"] and final["sparse_step"], records
     assert 2.0 <= final["l0"] <= 4.0, final  # true L0 is 3
     assert final["fvu"] < 0.15, final
-    # The loader's reads, as the log reports them: 4 bytes x 32 values per row read so far
-    # (whole shuffle buckets, so at least every trained row), at a positive rate.
-    assert final["loader_read_bytes"] >= 3000 * 1024 * 32 * 4 and final["loader_read_bytes"] % (32 * 4) == 0
-    assert final["loader_read_mib_s"] > 0
+    # The loader's read rate, as the log reports it: positive, and at most what the 2 cores
+    # could copy (a store on local disk read in 4 KiB-row blocks; ~GiB/s at most).
+    assert all(0 < record["loader_read_mib_s"] < 100_000 for record in records)
 
 
 def _run_cli(config_path: str, *extra: str) -> subprocess.Popen:

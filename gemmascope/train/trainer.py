@@ -114,17 +114,17 @@ class _MetricsLog:
 
 def _records(group: Group, metrics: dict, step: int, tokens_per_s: float, batch: int,
              loader: ActivationLoader) -> list[dict]:
-    """One metrics.jsonl record per SAE; with the loader's position in the data and its read
-    rate (MiB/s of store reads, what the store delivers: on GCS, what the request
-    concurrency of the storage section buys)."""
-    read = loader.throughput()
+    """One metrics.jsonl record per SAE, with the loader's read rate (MiB/s of store reads:
+    what the store delivers; on GCS, what the storage section's request concurrency buys).
+    Like tokens_per_s it is a timing of this process; every other field is the same after
+    a resume as in an uninterrupted run."""
     return [{
         "step": step, "sae": group.name(i), "width": width, "sparsity": sparsity,
         "l0": float(metrics["l0"][i]), "mse": float(metrics["mse"][i]), "fvu": float(metrics["fvu"][i]),
         "loss": float(metrics["loss"][i]), "dead_fraction": float(metrics["dead_fraction"][i]),
         "lambda": sparsity * float(metrics["sparsity_factor"]), "lr": float(metrics["lr"]),
         "tokens": step * batch, "tokens_per_s": tokens_per_s, "nonfinite_rows_skipped": loader.state.skipped_rows,
-        "loader_read_mib_s": read["read_mib_s"], "loader_read_bytes": read["read_bytes"],
+        "loader_read_mib_s": loader.throughput()["read_mib_s"],
         "sparse_step": bool(metrics["sparse_step"][i]),
     } for i, (width, sparsity) in enumerate(group.saes)]
 
