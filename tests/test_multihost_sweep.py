@@ -103,6 +103,7 @@ def test_the_plan_gives_the_job_two_hosts(tmp_path):
         {"hosts": 2, "devices": 1, "mesh_data": 1, "mesh_latent": 2}
 
 
+@pytest.mark.slow  # ~75 s: three Ray nodes, a one-process reference and a two-host run
 def test_a_two_host_job_survives_losing_a_host_and_equals_one_process(cluster, one_process, tmp_path):
     run_dir = tmp_path / "run"
     launcher = start_cli("sweep", write_config(run_dir), "--ray-address", cluster.address, "--no-progress")

@@ -61,9 +61,10 @@ def committed_steps(run_dir: Path) -> list[int]:
                   and (p / "checksums.json").exists())
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
-    """A head that runs no jobs (CPU 0) and one worker node; the test adds and removes nodes."""
+    """A head that runs no jobs (CPU 0) and one worker node; a test that removes the worker
+    adds another, so each test starts with exactly one."""
     from ray.cluster_utils import Cluster
 
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -78,7 +79,7 @@ def test_a_job_whose_node_is_lost_resumes_on_another_node_and_matches_an_uninter
     reference = cli("train", write_config(reference_dir), "--job", JOB, "--no-progress")
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    first_node = cluster.list_all_nodes()[1]
+    (first_node,) = cluster.list_all_nodes()[1:]
     launcher = start_cli("sweep", write_config(run_dir), "--ray-address", cluster.address, "--no-progress")
     deadline = time.monotonic() + 300
     while not committed_steps(run_dir):
