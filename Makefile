@@ -94,7 +94,8 @@ STAGE ?= sweep
 DASHBOARD_PORT ?= 8265
 RAY_JOBS := RAY_AUTH_MODE=token $(BIN)/ray job
 ON_HEAD := export RAY_AUTH_MODE=token;
-# ARGS once more single-quoted: the job's entrypoint is a shell command line on the head.
+# ARGS once more single-quoted: the job's entrypoint is a shell command line on the head,
+# run by `sh -c` (Ray quotes each word after `--`, so a whole line would be one word).
 QUOTED_ARGS = '$(subst ','"'"',$(ARGS))'
 
 cluster-up: $(STAMP)
@@ -132,7 +133,7 @@ submit: $(STAMP)
 	fi; \
 	$(RAY_JOBS) submit --address http://127.0.0.1:$(DASHBOARD_PORT) --submission-id "$$id" --no-wait \
 		--working-dir . --runtime-env-json '{"excludes": [".venv", "runs", ".git", "benchmarks/results"]}' \
-		-- "gemmascope $(STAGE) $(CONFIG) $$args"; \
+		-- sh -c "gemmascope $(STAGE) $(CONFIG) $$args"; \
 	echo; \
 	echo "Submitted $$id: gemmascope $(STAGE) $(CONFIG) $$args"; \
 	echo "Follow its log:   $(BIN)/ray exec $(CLUSTER) '$(ON_HEAD) ray job logs -f $$id --address http://127.0.0.1:8265'"; \

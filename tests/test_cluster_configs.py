@@ -188,6 +188,9 @@ def setup_problems(config: dict, docker_pins: dict[str, str]) -> list[str]:
         starts = [c for c in config.get(key, []) if "ray start" in c]
         if not starts or any("gemmascope-venv/bin/ray start" not in c for c in starts):
             problems.append(f"{key}: ray does not start from the setup's environment")
+        elif any("export PATH=$HOME/gemmascope-venv/bin:$PATH;" not in c for c in starts):
+            # Ray jobs inherit the node's PATH: `make submit`'s entrypoint calls `gemmascope`.
+            problems.append(f"{key}: the setup's environment is not on Ray's PATH")
     return problems
 
 
@@ -389,6 +392,8 @@ BROKEN_SETUP = {
     "no jax[tpu]": (_tpu, lambda c: c.update(worker_setup_commands=[])),
     "no jax[cuda12]": (_gpu, lambda c: c.update(setup_commands=[s.replace("jax[cuda12]", "jax") for s in c["setup_commands"]])),
     "system ray": (_tpu, lambda c: c.update(worker_start_ray_commands=["ray stop", "ray start --address=$RAY_HEAD_IP:6379"])),
+    "venv off PATH": (_gpu, lambda c: c.update(head_start_ray_commands=[
+        s.replace("export PATH=$HOME/gemmascope-venv/bin:$PATH;", "") for s in c["head_start_ray_commands"]])),
 }
 
 
