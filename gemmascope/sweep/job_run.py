@@ -101,7 +101,7 @@ class JobRun:
         except Exception as err:  # noqa: BLE001 - classified by `cause`
             self.error = err
             return True
-        if ref is self.calls[0]:
+        if ref == self.calls[0]:
             self.result = outcome  # every process returns the same figures; the first speaks
         return not self.pending
 
