@@ -1,4 +1,4 @@
-"""SAELens's on-disk format: sae_weights.safetensors + cfg.json (architecture "jumprelu").
+"""SAELens's on-disk format: sae_weights.safetensors + cfg.json (architecture "jumprelu" or "topk").
 
 Released parameters take raw activations with the pre-encoder bias folded into b_enc,
 which SAELens expresses as apply_b_dec_to_input = false and normalize_activations =
@@ -20,6 +20,7 @@ from gemmascope.models.sites import SITES
 from gemmascope.train.release import RELEASE_KEYS
 
 WEIGHTS, CFG = "sae_weights.safetensors", "cfg.json"
+TOPK_KEYS = RELEASE_KEYS[:4]  # a TopK SAE has no threshold
 
 
 def hook_name(site: str, layer: int) -> str:
@@ -40,17 +41,23 @@ def site_of_hook(name: str, where: str) -> tuple[str, int]:
 
 
 def saelens_files(arrays: dict[str, np.ndarray], *, site: str, layer: int, model_name: str,
-                  context_size: int, dataset: str) -> tuple[bytes, bytes]:
-    """(sae_weights.safetensors, cfg.json) for released JumpReLU arrays."""
-    d_in, d_sae = check_arrays(arrays, "SAELens export")
+                  context_size: int, dataset: str, k: int | None = None) -> tuple[bytes, bytes]:
+    """(sae_weights.safetensors, cfg.json) for released JumpReLU arrays, or with `k` for the four
+    arrays of a TopK SAE (SAELens "topk": the k largest pre-activations per row, then ReLU)."""
+    if k is None:
+        d_in, d_sae = check_arrays(arrays, "SAELens export")
+        names, architecture = RELEASE_KEYS, {"architecture": "jumprelu"}
+    else:
+        d_in, d_sae = check_arrays({**arrays, "threshold": np.zeros_like(arrays["b_enc"])}, "SAELens export")
+        names, architecture = TOPK_KEYS, {"architecture": "topk", "k": int(k)}
     cfg = {
-        "architecture": "jumprelu", "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+        **architecture, "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": False, "normalize_activations": "none",
         "reshape_activations": "hook_z" if site == "att" else "none",
         "metadata": {"model_name": model_name, "hook_name": hook_name(site, layer), "hook_head_index": None,
                      "prepend_bos": True, "context_size": context_size, "dataset_path": dataset},
     }
-    weights = save_safetensors({name: np.ascontiguousarray(arrays[name]) for name in RELEASE_KEYS})
+    weights = save_safetensors({name: np.ascontiguousarray(arrays[name]) for name in names})
     return weights, (json.dumps(cfg, indent=1, sort_keys=True) + "\n").encode()
 
 

@@ -1,8 +1,10 @@
 """One jitted step for a group of SAEs on one activation stream.
 
-Each SAE of the group (any widths, each with its own sparsity coefficient) has its own
-parameters; the batch is converted and normalised once and shared by all of them, and
-the summed loss gives each SAE exactly its own gradient because no parameter is shared.
+Each SAE of the group (any widths and architectures, each with its own sparsity knob)
+has its own parameters; the batch is converted and normalised once and shared by all of
+them, and the summed loss gives each SAE exactly its own gradient because no parameter
+is shared. Plain JumpReLU SAEs take the hand-written fused/sparse backward pass; the
+other architectures take `jax.value_and_grad` of `arch.sae_loss` with their rule.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gemmascope.config import TrainConfig
-from gemmascope.train import sparse
-from gemmascope.train.jumprelu import JumpReLUParams, init_params
+from gemmascope.config import TrainConfig, sae_name
+from gemmascope.train import arch, sparse
+from gemmascope.train.architectures import ESTIMATED, JUMPRELU, init_member, rule
 from gemmascope.train.mesh import tree_shardings
 from gemmascope.train.optim import (
     make_optimizer,
@@ -30,30 +32,61 @@ from gemmascope.train.optim import (
 @dataclass(frozen=True)
 class Group:
     d_in: int
-    saes: tuple[tuple[int, float], ...]  # (width, sparsity) of each SAE, in job order
+    saes: tuple[tuple[int, float], ...]  # (width, sparsity knob) of each SAE, in job order
+    architectures: tuple[str, ...] = ()  # of each SAE; empty: every SAE is JumpReLU
 
     @classmethod
-    def of(cls, d_in: int, saes: list[tuple[int, float]]) -> Group:
-        return cls(d_in, tuple((int(w), float(s)) for w, s in saes))
+    def of(cls, d_in: int, saes: list[tuple[int, float]], architectures: list[str] | None = None) -> Group:
+        saes = tuple((int(w), float(s)) for w, s in saes)
+        return cls(d_in, saes, tuple(architectures or (JUMPRELU,) * len(saes)))
 
     @property
     def size(self) -> int:
         return len(self.saes)
 
+    def architecture(self, index: int) -> str:
+        return self.architectures[index] if self.architectures else JUMPRELU
+
     def name(self, index: int) -> str:
-        width, sparsity = self.saes[index]
-        return f"w{width}-s{sparsity:g}"
+        width, knob = self.saes[index]
+        return sae_name(width, self.architecture(index), knob)
+
+    @property
+    def estimated(self) -> tuple[int, ...]:
+        """The SAEs that keep a `ThresholdEstimate`, in group order (TrainState.estimates)."""
+        return tuple(i for i in range(self.size) if self.architecture(i) in ESTIMATED)
 
 
 class TrainState(NamedTuple):
-    params: tuple[JumpReLUParams, ...]  # one per SAE of the group
+    params: tuple  # one JumpReLUParams (thresholded architectures) or arch.Params per SAE
     opt_state: Any
     step: jax.Array
     since_fired: tuple[jax.Array, ...]  # [width] steps since each latent last fired, per SAE
+    # One per SAE of `Group.estimated`: the BatchTopK rules' global threshold, trained
+    # state like the parameters (checkpointed, so a resumed job exports the same SAE).
+    estimates: tuple[arch.ThresholdEstimate, ...] = ()
 
 
-def _labels(params: tuple[JumpReLUParams, ...]):
-    return tuple(JumpReLUParams("main", "main", "main", "main", "threshold") for _ in params)
+class MemberStep(NamedTuple):
+    """One SAE's part of a step: its gradients and diagnostics (no gradient flows in these)."""
+
+    grads: Any
+    loss: jax.Array
+    mse: jax.Array
+    l0: jax.Array
+    fvu: jax.Array
+    fired: jax.Array  # [width] bool
+    sparse_step: jax.Array  # whether the sparse JumpReLU path ran
+    terms: dict[str, jax.Array]  # the architecture's own terms (`arch.Outputs.terms`)
+
+
+def _labels(params: tuple):
+    """"threshold" on log-thresholds (their own learning rate), "main" elsewhere, nothing
+    where an architecture has no such parameter."""
+    def label(name: str, value) -> str | None:
+        return None if value is None else "threshold" if name == "log_threshold" else "main"
+
+    return tuple(p._replace(**{name: label(name, value) for name, value in p._asdict().items()}) for p in params)
 
 
 def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -65,12 +98,12 @@ def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def init_state(group: Group, config: TrainConfig, key: jax.Array) -> TrainState:
     keys = jax.random.split(key, group.size)
-    params = tuple(init_params(k, group.d_in, width, config.threshold_init)
-                   for k, (width, _) in zip(keys, group.saes, strict=True))
+    params = tuple(init_member(k, group.d_in, width, group.architecture(i), config)
+                   for i, (k, (width, _)) in enumerate(zip(keys, group.saes, strict=True)))
     since_fired = tuple(jnp.zeros(p.b_enc.shape, jnp.int32) for p in params)
-    return TrainState(params, build_optimizer(config).init(params), jnp.zeros([], jnp.int32), since_fired)
-
-
+    estimates = tuple(arch.ThresholdEstimate.zero() for _ in group.estimated)
+    return TrainState(params, build_optimizer(config).init(params), jnp.zeros([], jnp.int32), since_fired,
+                      estimates)
 def sharded_layout(group: Group, config: TrainConfig, mesh) -> tuple[Any, Any]:
     """(abstract state carrying its shardings, the shardings) of a group's state on `mesh`."""
     abstract = jax.eval_shape(lambda key: init_state(group, config, key), jax.random.key(config.seed))
@@ -85,8 +118,8 @@ def initial_state(group: Group, config: TrainConfig, shardings) -> TrainState:
     return init(jax.random.key(config.seed))
 
 
-def apply_gradients(optimizer: optax.GradientTransformation, params: tuple[JumpReLUParams, ...], opt_state,
-                    grads: tuple[JumpReLUParams, ...]) -> tuple[tuple[JumpReLUParams, ...], Any]:
+def apply_gradients(optimizer: optax.GradientTransformation, params: tuple, opt_state,
+                    grads: tuple) -> tuple[tuple, Any]:
     """One optimiser step under the decoder-norm constraint: the decoder gradient loses its
     component along each row, and the rows are renormalised after the update."""
     grads = tuple(g._replace(W_dec=remove_parallel_component(g.W_dec, p.W_dec))
@@ -96,43 +129,84 @@ def apply_gradients(optimizer: optax.GradientTransformation, params: tuple[JumpR
     return tuple(p._replace(W_dec=unit_rows(p.W_dec)) for p in params), opt_state
 
 
+def dead_steps(config: TrainConfig) -> int:
+    """Steps without firing after which a latent counts as dead (train.dead_window_tokens)."""
+    return max(1, config.dead_window_tokens // config.batch_size)
+
+
+def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False):
+    """(params, since_fired, x normalised, warm-up factor) -> one `MemberStep` per SAE.
+
+    The SAEs are unrolled, not vmapped: each keeps plain 2-D matmuls, which XLA runs at
+    full speed on every backend. JumpReLU SAEs take their hand-written backward pass
+    (with `use_sparse`, `sparse.sparse_available`, the sparse path whenever the step's
+    activity allows); the others differentiate `arch.sae_loss`, with the latents unfired
+    for train.dead_window_tokens as AuxK's dead mask.
+    """
+    dead_after = dead_steps(config)
+
+    def jumprelu_step(params, x, knob, width, lam) -> MemberStep:
+        _, out, grads, took = sparse.value_and_grad(params, x, knob * lam, config.bandwidth, config.matmul_dtype,
+                                                    sparse.capacity(width, config) if use_sparse else None)
+        return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired, took, {})
+
+    def rule_step(params, x, knob, width, lam, architecture, dead) -> MemberStep:
+        loss_fn = jax.value_and_grad(arch.sae_loss, argnums=1, has_aux=True)
+        (_, out), grads = loss_fn(rule(architecture, knob, width, config, lam), params, x, dead)
+        return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired,
+                          jnp.zeros((), bool), out.terms)
+
+    def steps(params: tuple, since_fired: tuple, x: jax.Array, lam: jax.Array) -> list[MemberStep]:
+        results = []
+        for i, (p, count, (width, knob)) in enumerate(zip(params, since_fired, group.saes, strict=True)):
+            architecture = group.architecture(i)
+            if architecture == JUMPRELU:
+                results.append(jumprelu_step(p, x, knob, width, lam))
+            else:
+                results.append(rule_step(p, x, knob, width, lam, architecture, count >= dead_after))
+        return results
+
+    return steps
+
+
 def make_train_step(group: Group, config: TrainConfig, scale: float, *, use_sparse: bool = False):
     """(state, raw batch [B, d_in]) -> (new state, metrics); pure, for `jax.jit`.
 
-    The SAEs are unrolled, not vmapped: each keeps plain 2-D matmuls, which XLA runs at
-    full speed on every backend, while the batch is still converted once for all. Each
-    SAE's gradient comes from its own hand-written backward pass (no parameter is
-    shared, so the group's summed loss would give the same); with `use_sparse`
-    (`sparse.sparse_available`) a step takes the sparse path whenever its activity allows.
+    Per-SAE metrics are stacked in group order; `terms` holds each SAE's architecture
+    terms (AuxK, penalties, and "threshold", the BatchTopK rules' exported threshold at
+    training scale), empty for JumpReLU.
     """
     optimizer = build_optimizer(config)
     factor = sparsity_schedule(config.sparsity_warmup_steps)
     lr = warmup_schedule(config.lr, config.lr_warmup_steps, config.steps, config.lr_decay)
-    dead_after = max(1, config.dead_window_tokens // config.batch_size)
+    dead_after = dead_steps(config)
+    steps = member_steps(group, config, use_sparse=use_sparse)
     inverse_scale = 1.0 / scale
 
     def train_step(state: TrainState, x_raw: jax.Array):
         x = x_raw.astype(jnp.float32) * inverse_scale
         lam = factor(state.step)
-
-        results = [sparse.value_and_grad(p, x, sparsity * lam, config.bandwidth, config.matmul_dtype,
-                                         sparse.capacity(width, config) if use_sparse else None)
-                   for p, (width, sparsity) in zip(state.params, group.saes, strict=True)]
-        outputs = tuple(out for _, out, _, _ in results)
-        grads = tuple(grad for _, _, grad, _ in results)
-        params, opt_state = apply_gradients(optimizer, state.params, state.opt_state, grads)
-        since_fired = tuple(jnp.where(out.fired, 0, count + 1)
-                            for out, count in zip(outputs, state.since_fired, strict=True))
+        results = steps(state.params, state.since_fired, x, lam)
+        params, opt_state = apply_gradients(optimizer, state.params, state.opt_state,
+                                            tuple(r.grads for r in results))
+        since_fired = tuple(jnp.where(r.fired, 0, count + 1)
+                            for r, count in zip(results, state.since_fired, strict=True))
+        estimates = tuple(estimate.update(results[i].terms["kept_minimum"], config.threshold_ema_rate)
+                          for i, estimate in zip(group.estimated, state.estimates, strict=True))
+        terms = [dict(r.terms) for r in results]
+        for i, estimate in zip(group.estimated, estimates, strict=True):
+            terms[i]["threshold"] = estimate.value
         metrics = {
-            "loss": jnp.stack([out.loss for out in outputs]),
-            "mse": jnp.stack([out.mse for out in outputs]),
-            "l0": jnp.stack([out.l0 for out in outputs]),
-            "fvu": jnp.stack([out.error_sum / out.total_variance for out in outputs]),
+            "loss": jnp.stack([r.loss for r in results]),
+            "mse": jnp.stack([r.mse for r in results]),
+            "l0": jnp.stack([r.l0 for r in results]),
+            "fvu": jnp.stack([r.fvu for r in results]),
             "dead_fraction": jnp.stack([jnp.mean(count >= dead_after) for count in since_fired]),
             "lr": lr(state.step),
             "sparsity_factor": lam,
-            "sparse_step": jnp.stack([took for _, _, _, took in results]),
+            "sparse_step": jnp.stack([r.sparse_step for r in results]),
+            "terms": tuple(terms),
         }
-        return TrainState(params, opt_state, state.step + 1, since_fired), metrics
+        return TrainState(params, opt_state, state.step + 1, since_fired, estimates), metrics
 
     return train_step

@@ -18,22 +18,32 @@ RELEASE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 
 
 def to_release(params: JumpReLUParams, scale: float) -> dict[str, np.ndarray]:
-    """The five float32 arrays of a Gemma Scope params.npz."""
+    """The five float32 arrays of a Gemma Scope params.npz; four for params without
+    thresholds (a TopK SAE, whose k is kept beside its arrays)."""
     W_enc = np.asarray(params.W_enc, np.float64)
     b_dec = np.asarray(params.b_dec, np.float64)
     b_enc = scale * np.asarray(params.b_enc, np.float64) - scale * (b_dec @ W_enc)
-    return {
+    released = {
         "W_enc": np.asarray(params.W_enc, np.float32),
         "W_dec": np.asarray(params.W_dec, np.float32),
         "b_enc": b_enc.astype(np.float32),
         "b_dec": (scale * b_dec).astype(np.float32),
-        "threshold": (scale * np.exp(np.asarray(params.log_threshold, np.float64))).astype(np.float32),
     }
+    if params.log_threshold is not None:
+        released["threshold"] = (scale * np.exp(np.asarray(params.log_threshold, np.float64))).astype(np.float32)
+    return released
 
 
-def release_encode(released: dict[str, np.ndarray], x_raw: np.ndarray) -> np.ndarray:
+def release_encode(released: dict[str, np.ndarray], x_raw: np.ndarray, k: int | None = None) -> np.ndarray:
+    """Latents of released arrays on raw x: JumpReLU, or with `k` TopK (each row keeps its k
+    largest pre-activations, then ReLU; a per-row rule, so the scale does not change it)."""
     pre = x_raw @ released["W_enc"] + released["b_enc"]
-    return pre * (pre > released["threshold"])
+    if k is None:
+        return pre * (pre > released["threshold"])
+    kept = np.argpartition(-pre, k - 1, axis=-1)[..., :k]
+    f = np.zeros_like(pre)
+    np.put_along_axis(f, kept, np.maximum(np.take_along_axis(pre, kept, axis=-1), 0), axis=-1)
+    return f
 
 
 def release_decode(released: dict[str, np.ndarray], f: np.ndarray) -> np.ndarray:

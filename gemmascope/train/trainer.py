@@ -18,15 +18,18 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from gemmascope import storage
 from gemmascope.config import Config, TrainConfig
 from gemmascope.errors import UserError
 from gemmascope.export.gemma_scope import params_npz_bytes
+from gemmascope.export.saelens import CFG, WEIGHTS, saelens_files
 from gemmascope.faults import crash_point
 from gemmascope.store import ActivationStore
 from gemmascope.sweep.grid import Job, find_job, plan_jobs
+from gemmascope.train.architectures import JUMPRELU, as_jumprelu
 from gemmascope.train.checkpoints import Checkpoints
 from gemmascope.train.distributed import (
     Distributed,
@@ -72,12 +75,26 @@ def job_train_config(config: Config, job: Job) -> TrainConfig:
     return replace(config.train, tokens=job.tokens, mesh_latent=job.resources.mesh_latent)
 
 
+def job_group(job: Job, d_in: int) -> Group:
+    """The group a job trains: its SAEs' widths, knobs and architectures, in job order."""
+    return Group.of(d_in, [(s.width, s.sparsity) for s in job.saes], [s.architecture for s in job.saes])
+
+
+def _sae_record(spec) -> dict:
+    """An SAE in job.json: width and knob, and the architecture unless JumpReLU (so a JumpReLU
+    job's record reads as it did before there were other architectures)."""
+    record = {"width": spec.width, "sparsity": spec.sparsity}
+    return record if spec.architecture == JUMPRELU else {**record, "architecture": spec.architecture}
+
+
 def _check_job_record(directory: str, record: dict) -> None:
     """A job directory belongs to one job definition; refuse to resume under another.
-    Every process checks; the writer records a new job."""
+    Every process checks; the writer records a new job. A train setting added to the
+    config after the job started is read as its default, which is what the job ran with."""
     url = storage.join(directory, "job.json")
     if storage.exists(url):
         existing = storage.read_json(url)
+        existing["train"] = {**to_mapping(TrainConfig()), **existing.get("train", {})}
         for key in ("d_in", "saes", "train", "store"):
             if existing.get(key) != record[key]:
                 raise UserError(f"{url}: job was started with {key}={existing.get(key)!r}, "
@@ -120,13 +137,24 @@ def _records(group: Group, metrics: dict, step: int, tokens_per_s: float, batch:
     a resume as in an uninterrupted run."""
     return [{
         "step": step, "sae": group.name(i), "width": width, "sparsity": sparsity,
+        "architecture": group.architecture(i),
+        **_knob_record(group.architecture(i), sparsity, float(metrics["sparsity_factor"])),
+        **{name: np.asarray(value).tolist() for name, value in metrics["terms"][i].items()},
         "l0": float(metrics["l0"][i]), "mse": float(metrics["mse"][i]), "fvu": float(metrics["fvu"][i]),
         "loss": float(metrics["loss"][i]), "dead_fraction": float(metrics["dead_fraction"][i]),
-        "lambda": sparsity * float(metrics["sparsity_factor"]), "lr": float(metrics["lr"]),
+        "lr": float(metrics["lr"]),
         "tokens": step * batch, "tokens_per_s": tokens_per_s, "nonfinite_rows_skipped": loader.state.skipped_rows,
         "loader_read_mib_s": loader.throughput()["read_mib_s"],
         "sparse_step": bool(metrics["sparse_step"][i]),
     } for i, (width, sparsity) in enumerate(group.saes)]
+
+
+def _knob_record(architecture: str, knob: float, factor: float) -> dict:
+    """The knob as the log names it: the warmed-up penalty coefficient ("lambda", JumpReLU and
+    ReLU + L1), the target L0, or k."""
+    if architecture in ("jumprelu", "relu_l1"):
+        return {"lambda": knob * factor}
+    return {"l0_target": knob} if architecture == "jumprelu_target_l0" else {"k": int(knob)}
 
 
 def train_job(config: Config, job_id: str, *, progress: bool = True,
@@ -140,8 +168,6 @@ def train_job(config: Config, job_id: str, *, progress: bool = True,
     if job.target != job.site:
         raise UserError(f"{job.id}: transcoders ({job.site} -> {job.target}) are planned by the sweep but "
                         "this trainer fits SAEs only")
-    if any(spec.architecture != "jumprelu" for spec in job.saes):
-        raise UserError(f"{job.id}: this trainer fits JumpReLU SAEs only so far")
     cfg = job_train_config(config, job)
     key = (job.site, job.layer)
     if key not in store.d_in:
@@ -153,7 +179,7 @@ def train_job(config: Config, job_id: str, *, progress: bool = True,
     directory = job_dir(config, job.id)
     _check_job_record(directory, {
         "job": job.id, "site": job.site, "layer": job.layer, "d_in": d_in, "store": store.url,
-        "saes": [{"width": s.width, "sparsity": s.sparsity} for s in job.saes], "train": to_mapping(cfg)})
+        "saes": [_sae_record(s) for s in job.saes], "train": to_mapping(cfg)})
     stop_row = store.n_rows - cfg.holdout_rows
     if stop_row <= 0:
         raise UserError(f"train.holdout_rows={cfg.holdout_rows} leaves no training rows ({store.n_rows} in the store)")
@@ -171,7 +197,7 @@ def train_job(config: Config, job_id: str, *, progress: bool = True,
              normalisation["max_norm"] / normalisation["median_norm"])
 
     mesh = make_mesh(cfg)
-    group = Group.of(d_in, [(s.width, s.sparsity) for s in job.saes])
+    group = job_group(job, d_in)
     abstract, shardings = sharded_layout(group, cfg, mesh)
     checkpoints = Checkpoints(storage.join(directory, "checkpoints"))
     if checkpoints.latest_step is not None:
@@ -231,7 +257,7 @@ def train_job(config: Config, job_id: str, *, progress: bool = True,
         # Also after a failed save: Orbax's writer threads must stop before the interpreter
         # does, or they print tracebacks after the command's one error line.
         checkpoints.close()
-    _export(directory, job, group, state, scale, normalisation)
+    _export(config, directory, job, group, state, scale, normalisation)
     seconds = time.perf_counter() - began
     return TrainResult(job.id, directory, total, total - start,
                        (total - start) * cfg.batch_size / seconds if total > start else 0.0)
@@ -255,25 +281,46 @@ def _start_from_released(state, job: Job, scale: float, shardings):
     return jax.device_put(state._replace(params=tuple(params)), shardings)
 
 
-def _export(directory: str, job: Job, group: Group, state, scale: float, normalisation: dict) -> None:
+def _export(config: Config, directory: str, job: Job, group: Group, state, scale: float,
+            normalisation: dict) -> None:
     """Write each SAE at release scale, then done.json (the job's commit point). Every
     process gathers the parameters (a collective); the writer writes, and no process
     returns before done.json is there."""
-    params = host_copy(state.params)
+    params, estimates = host_copy((state.params, state.estimates))
     if is_writer():
-        _write_saes(directory, job, group, params, int(state.step), scale, normalisation)
+        estimate_of = dict(zip(group.estimated, estimates, strict=True))
+        for index in range(group.size):
+            _write_sae(config, directory, job, group, index, params[index], estimate_of.get(index),
+                       int(state.step), scale)
+        storage.write_json_atomic(storage.join(directory, "done.json"), {
+            "saes": [group.name(i) for i in range(group.size)], "steps": int(state.step),
+            "normalisation": normalisation})
     barrier(f"{job.id} exported")
 
 
-def _write_saes(directory: str, job: Job, group: Group, params, steps: int, scale: float,
-                normalisation: dict) -> None:
-    for index, (width, sparsity) in enumerate(group.saes):
-        sae_dir = storage.join(directory, "saes", group.name(index))
-        storage.write_bytes_atomic(storage.join(sae_dir, "params.npz"),
-                                   params_npz_bytes(to_release(params[index], scale)))
-        storage.write_json_atomic(storage.join(sae_dir, "sae.json"), {
-            "site": job.site, "layer": job.layer, "width": width, "sparsity": sparsity,
-            "d_in": group.d_in, "scale": scale, "steps": steps})
-    storage.write_json_atomic(storage.join(directory, "done.json"), {
-        "saes": [group.name(i) for i in range(group.size)], "steps": steps,
-        "normalisation": normalisation})
+def _write_sae(config: Config, directory: str, job: Job, group: Group, index: int, params, estimate,
+               steps: int, scale: float) -> None:
+    """One SAE at release scale: a JumpReLU-shaped one (`as_jumprelu`) as the Gemma Scope
+    params.npz, TopK (no threshold reproduces it) as SAELens files with its k; sae.json
+    says which, with the architecture and its knob."""
+    width, knob = group.saes[index]
+    architecture = group.architecture(index)
+    sae_dir = storage.join(directory, "saes", group.name(index))
+    jumprelu = as_jumprelu(architecture, params, estimate)
+    if jumprelu is not None:
+        storage.write_bytes_atomic(storage.join(sae_dir, "params.npz"), params_npz_bytes(to_release(jumprelu, scale)))
+    else:
+        weights, cfg = saelens_files(to_release(params, scale), site=job.site, layer=job.layer,
+                                     model_name=config.model.source, context_size=config.harvest.context_length,
+                                     dataset=",".join(config.source.paths) or str(config.source.builtin),
+                                     k=int(knob))
+        storage.write_bytes_atomic(storage.join(sae_dir, WEIGHTS), weights)
+        storage.write_bytes_atomic(storage.join(sae_dir, CFG), cfg)
+    record = {"site": job.site, "layer": job.layer, "width": width, "sparsity": knob, "d_in": group.d_in,
+              "scale": scale, "steps": steps}
+    if architecture != JUMPRELU:
+        record.update(architecture=architecture, format="gemma-scope" if jumprelu is not None else "saelens",
+                      **_knob_record(architecture, knob, 1.0))
+    if estimate is not None:
+        record["threshold"] = float(estimate.value) * scale  # released scale, as params.npz holds it
+    storage.write_json_atomic(storage.join(sae_dir, "sae.json"), record)

@@ -1,0 +1,68 @@
+"""How each architecture of the config trains in the grouped step and leaves it.
+
+`gemmascope.train.arch` holds the math (rules and wirings); this module binds it to the
+trainer: which parameters an SAE has, which rule its step differentiates (built from
+the SAE's knob and the train section), whether it keeps a `ThresholdEstimate`, and what
+it exports as. Plain JumpReLU is not a rule here: the group step keeps its fused and
+sparse hand-written backward passes, which `arch.JumpReLU` equals (tested).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from gemmascope.config import TrainConfig
+from gemmascope.train import arch
+from gemmascope.train.jumprelu import JumpReLUParams, init_params
+
+JUMPRELU = "jumprelu"
+# Trained per-latent log-thresholds (JumpReLUParams, a released SAE can start them).
+THRESHOLDED = frozenset({"jumprelu", "jumprelu_target_l0"})
+# Batch rules: inference needs the running estimate of the smallest kept activation.
+ESTIMATED = frozenset({"batchtopk", "matryoshka_batchtopk"})
+
+
+def init_member(key: jax.Array, d_in: int, width: int, architecture: str, config: TrainConfig):
+    """The recipe's initialisation (SPEC.md 2) for every architecture; log-thresholds only
+    where the architecture trains them (an optimiser never sees a parameter it cannot use)."""
+    if architecture in THRESHOLDED:
+        return init_params(key, d_in, width, config.threshold_init)
+    return arch.init_sae(key, d_in, width)
+
+
+def rule(architecture: str, knob: float, width: int, config: TrainConfig, warmup: jax.Array) -> arch.Rule:
+    """The `arch` rule of a non-JumpReLU SAE at this step. `warmup` (train.sparsity_warmup_steps,
+    in [0, 1]) scales every sparsity penalty as it scales JumpReLU's lambda; TopK-style rules
+    have no penalty to warm up."""
+    if architecture == "jumprelu_target_l0":
+        return arch.TargetL0JumpReLU(target_l0=knob, l0_coefficient=config.target_l0_coefficient * warmup,
+                                     frequency_threshold=config.frequency_threshold,
+                                     frequency_coefficient=config.frequency_coefficient * warmup,
+                                     bandwidth=config.bandwidth)
+    if architecture == "relu_l1":
+        return arch.ReLUL1(l1_coefficient=knob * warmup)
+    aux = {"aux_k": config.aux_k, "aux_coefficient": config.aux_coefficient}
+    if architecture == "topk":
+        return arch.TopK(k=int(knob), **aux)
+    if architecture == "batchtopk":
+        return arch.BatchTopK(k=int(knob), **aux)
+    if architecture == "matryoshka_batchtopk":
+        return arch.MatryoshkaBatchTopK(k=int(knob), prefixes=arch.nested_prefixes(width, config.matryoshka_levels),
+                                        **aux)
+    raise ValueError(f"no arch rule for architecture {architecture!r}")
+
+
+def as_jumprelu(architecture: str, params, estimate: arch.ThresholdEstimate | None) -> JumpReLUParams | None:
+    """The JumpReLU SAE an architecture is at inference (what the Gemma Scope format holds),
+    or None for TopK, whose per-row selection no threshold reproduces.
+
+    BatchTopK rules: every latent gets the learned global threshold. ReLU + L1: threshold
+    0, where JumpReLU is ReLU (log 0 = -inf, and the release writes exp(-inf) * C = 0).
+    """
+    if architecture in THRESHOLDED:
+        return params
+    if architecture in ESTIMATED:
+        return JumpReLUParams(*arch.batchtopk_to_jumprelu(params, estimate.value)[:5])
+    if architecture == "relu_l1":
+        return JumpReLUParams(*arch.batchtopk_to_jumprelu(params, 0.0)[:5])
+    return None
