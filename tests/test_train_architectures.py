@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -15,11 +16,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 from gemmascope.config import Config, SAEGridEntry, TrainConfig, load_config
 from gemmascope.errors import ConfigError
+from gemmascope.eval.activations import activation_metrics
+from gemmascope.eval.catalog import run_saes
+from gemmascope.eval.lm import released_reconstruction
+from gemmascope.export.gemma_scope import read_params_npz
+from gemmascope.export.release import run_export
 from gemmascope.models.loading import ModelInfo
+from gemmascope.store import ActivationStore
 from gemmascope.store.synthetic import sparse_dictionary_data, write_store
 from gemmascope.sweep.grid import plan_jobs
 from gemmascope.train import arch
@@ -285,3 +293,42 @@ def test_a_killed_mixed_job_resumes_bit_identical(tmp_path, monkeypatch):
     assert sorted(straight) == sorted(resumed) and len(straight) > 10
     for name in straight:
         assert straight[name] == resumed[name], name
+
+
+def test_eval_and_export_take_every_architecture(mixed, caplog):
+    """Eval measures TopK with its k and BatchTopK through its exported threshold; export
+    puts JumpReLU-shaped SAEs in the Gemma Scope tree and TopK in the SAELens tree only."""
+    run_dir, heldout, _ = mixed
+    config = _mixed_config(run_dir, 1600)
+    store = ActivationStore.open(str(run_dir))
+    saes = {sae.name: sae for sae in run_saes(config, store)}
+    assert saes["w128-k3"].k == TRUE_L0 and saes["w128-btk3"].k is None
+    released = {name: sae.released() for name, sae in saes.items()}
+    measured = activation_metrics(store, "res", 0, store.n_rows - HELDOUT, store.n_rows, released, 0.1,
+                                  topk={"w128-k3": TRUE_L0})
+    for name, metrics in measured.items():
+        l0, fvu = _heldout_fvu(heldout, released[name], saes[name].k)
+        assert metrics["l0"] == pytest.approx(l0) and metrics["fvu"] == pytest.approx(fvu, rel=1e-4), name
+    x = torch.from_numpy(heldout[:64])
+    for name in ("w128-k3", "w128-btk3"):  # the splice's torch reconstruction is the numpy one
+        expected = release_decode(released[name], release_encode(released[name], heldout[:64], saes[name].k))
+        got = released_reconstruction(released[name], saes[name].k)(x).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+    for name, sae in saes.items():
+        record = {"l0": measured[name]["l0"], "fvu": measured[name]["fvu"], "name": name,
+                  "architecture": sae.architecture}
+        (Path(sae.directory) / "metrics.json").write_text(json.dumps(record))
+    with caplog.at_level(logging.INFO, logger="gemmascope.export"):
+        line = run_export(config)
+    assert "6 SAEs" in line and "1 TopK in SAELens format only" in line
+    assert "w128-k3 is TopK (k=3)" in caplog.text
+    index = {entry["name"]: entry for entry in json.loads((run_dir / "saes" / "index.json").read_text())["saes"]}
+    assert index["w128-k3"]["path"] is None and not index["w128-k3"]["canonical"]
+    cfg = json.loads((run_dir / index["w128-k3"]["saelens_path"] / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == TRUE_L0
+    for name in ("w128-s0.03", "w128-l0_3", "w128-btk3", "w128-mbtk3", "w128-l1_0.1"):
+        assert index[name]["canonical"]  # the only SAE of its architecture at this width
+        exported = read_params_npz((run_dir / index[name]["path"] / "params.npz").read_bytes(), name)
+        assert all(np.array_equal(exported[key], released[name][key]) for key in exported)
+    assert len(list((run_dir / "saes").rglob("params.npz"))) == 5

@@ -19,15 +19,15 @@ DENSITY_EDGES = np.linspace(-8.0, 0.0, 33)
 class _Sums:
     """Running sums for one SAE over the blocks of held-out rows."""
 
-    def __init__(self, released: dict[str, np.ndarray]):
-        self.released = released
+    def __init__(self, released: dict[str, np.ndarray], k: int | None):
+        self.released, self.k = released, k
         self.n = 0
         self.l0 = self.error = self.square = 0.0
         self.column = np.zeros(released["b_dec"].shape, np.float64)
         self.fired = np.zeros(released["b_enc"].shape, np.int64)
 
     def add(self, x: np.ndarray) -> None:
-        f = release_encode(self.released, x)
+        f = release_encode(self.released, x, self.k)
         x_hat = release_decode(self.released, f)
         active = f != 0
         self.n += len(x)
@@ -55,9 +55,11 @@ class _Sums:
 
 
 def activation_metrics(store: ActivationStore, site: str, layer: int, start: int, stop: int,
-                       released: dict[str, dict[str, np.ndarray]], dense_threshold: float) -> dict[str, dict]:
-    """Metrics of every SAE in `released` (name -> arrays) on one stream, reading each block once."""
-    sums = {name: _Sums(arrays) for name, arrays in released.items()}
+                       released: dict[str, dict[str, np.ndarray]], dense_threshold: float,
+                       topk: dict[str, int] | None = None) -> dict[str, dict]:
+    """Metrics of every SAE in `released` (name -> arrays) on one stream, reading each block
+    once; `topk` gives the k of the TopK SAEs among them (the others are JumpReLU)."""
+    sums = {name: _Sums(arrays, (topk or {}).get(name)) for name, arrays in released.items()}
     for begin in range(start, stop, BLOCK_ROWS):
         x = np.asarray(store.read(site, layer, begin, min(begin + BLOCK_ROWS, stop)), np.float32)
         for total in sums.values():

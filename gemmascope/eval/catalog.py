@@ -1,6 +1,7 @@
 """The SAEs of a run that eval, export and report work on: the sweep's finished ones and imported ones.
 
-A trained SAE lives in RUN/train/<job>/saes/<name>/; an SAE brought in with
+A trained SAE lives in RUN/train/<job>/saes/<name>/ (a TopK SAE, which no JumpReLU
+reproduces, as SAELens files instead of params.npz); an SAE brought in with
 `gemmascope import` (a released Gemma Scope or SAELens SAE) lives in
 RUN/imported/<name>/ with an `imported.json` saying where it came from. Both hold a
 params.npz at release scale, so every later stage treats them alike.
@@ -10,8 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from gemmascope import storage
 from gemmascope.config import Config
+from gemmascope.export.gemma_scope import load_params_npz
+from gemmascope.export.saelens import load_topk
 from gemmascope.store import ActivationStore
 from gemmascope.sweep.grid import plan_jobs
 from gemmascope.train.trainer import job_dir
@@ -29,8 +34,16 @@ class RunSAE:
     tokens: int | None  # training tokens, None when imported
     job: str  # the job id, or "imported"
     name: str  # unique within its job
-    directory: str  # holds params.npz and, once evaluated, metrics.json
+    directory: str  # holds params.npz (TopK: SAELens files) and, once evaluated, metrics.json
     source: str | None = None  # where an imported SAE came from
+    architecture: str = "jumprelu"  # what it was trained as (imported SAEs are JumpReLU)
+    k: int | None = None  # a TopK SAE's k: not JumpReLU-shaped, so it has no params.npz
+
+    def released(self) -> dict[str, np.ndarray]:
+        """Its arrays at release scale: the five of params.npz, or a TopK SAE's four (use with `k`)."""
+        if self.k is None:
+            return load_params_npz(storage.join(self.directory, "params.npz"))
+        return load_topk(self.directory)[0]
 
 
 def imported_root(config: Config) -> str:
@@ -53,5 +66,7 @@ def run_saes(config: Config, store: ActivationStore) -> list[RunSAE]:
         directory = job_dir(config, job.id)
         if storage.exists(storage.join(directory, "done.json")):
             found.extend(RunSAE(spec.site, spec.layer, spec.width, spec.sparsity, spec.tokens, job.id, spec.name,
-                                storage.join(directory, "saes", spec.name)) for spec in job.saes)
+                                storage.join(directory, "saes", spec.name), architecture=spec.architecture,
+                                k=int(spec.sparsity) if spec.architecture == "topk" else None)
+                         for spec in job.saes)
     return found + imported_saes(config)

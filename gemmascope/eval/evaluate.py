@@ -20,7 +20,6 @@ from gemmascope.errors import UserError
 from gemmascope.eval.activations import activation_metrics
 from gemmascope.eval.catalog import RunSAE, run_saes
 from gemmascope.eval.lm import lm_metrics, released_reconstruction
-from gemmascope.export.gemma_scope import load_params_npz
 from gemmascope.store import ActivationStore
 from gemmascope.store.sequences import overlapping_sequences
 
@@ -57,18 +56,20 @@ def run_eval(config: Config, *, progress: bool = True) -> str:
     from gemmascope.models.loading import load_model
 
     loaded = load_model(config.model)
-    released = {sae.directory: load_params_npz(storage.join(sae.directory, "params.npz")) for sae in todo}
+    released = {sae.directory: sae.released() for sae in todo}
+    topk = {sae.directory: sae.k for sae in todo if sae.k is not None}
     log.info("eval: %d SAEs on %d held-out sequences (%d batches), one clean pass per batch", len(todo),
              sum(len(ids) for ids, _ in batches), len(batches))
-    lm = lm_metrics(loaded, batches, {key: {sae.directory: released_reconstruction(released[sae.directory])
+    lm = lm_metrics(loaded, batches, {key: {sae.directory: released_reconstruction(released[sae.directory], sae.k)
                                             for sae in members} for key, members in streams.items()},
                     progress=progress)
     for (site, layer), members in streams.items():
         stored = activation_metrics(store, site, layer, start, stop,
                                     {sae.directory: released[sae.directory] for sae in members},
-                                    config.eval.dense_threshold)
+                                    config.eval.dense_threshold, topk)
         for sae in members:
             record = {"site": site, "layer": layer, "width": sae.width, "sparsity": sae.sparsity,
+                      "architecture": sae.architecture, **({"k": sae.k} if sae.k is not None else {}),
                       "job": sae.job, "name": sae.name, "tokens_trained": sae.tokens, "source": sae.source,
                       **stored[sae.directory], **lm[(site, layer)].metrics(sae.directory)}
             storage.write_json_atomic(storage.join(sae.directory, "metrics.json"), record)

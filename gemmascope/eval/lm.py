@@ -106,14 +106,20 @@ def lm_metrics(loaded: LoadedModel, batches: Sequence[tuple[np.ndarray, np.ndarr
     return results
 
 
-def released_reconstruction(released: dict[str, np.ndarray]) -> Reconstruct:
-    """x -> x_hat of a released JumpReLU SAE on raw activations, in torch (float32)."""
-    W_enc, W_dec, b_enc, b_dec, threshold = (torch.from_numpy(np.ascontiguousarray(released[k]))
-                                             for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"))
+def released_reconstruction(released: dict[str, np.ndarray], k: int | None = None) -> Reconstruct:
+    """x -> x_hat of a released JumpReLU SAE on raw activations, in torch (float32); with `k`,
+    of a TopK SAE (each position keeps its k largest pre-activations, then ReLU)."""
+    W_enc, W_dec, b_enc, b_dec = (torch.from_numpy(np.ascontiguousarray(released[name]))
+                                  for name in ("W_enc", "W_dec", "b_enc", "b_dec"))
+    threshold = None if k is not None else torch.from_numpy(np.ascontiguousarray(released["threshold"]))
 
     def reconstruct(activation: torch.Tensor) -> torch.Tensor:
         pre = activation.float() @ W_enc.to(activation.device) + b_enc.to(activation.device)
-        f = pre * (pre > threshold.to(activation.device))
+        if k is None:
+            f = pre * (pre > threshold.to(activation.device))
+        else:
+            top = pre.topk(k, dim=-1)
+            f = torch.zeros_like(pre).scatter(-1, top.indices, top.values.clamp(min=0))
         return f @ W_dec.to(activation.device) + b_dec.to(activation.device)
 
     return reconstruct

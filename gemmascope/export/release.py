@@ -6,7 +6,9 @@
                             (site, layer, width), the SAE whose L0 is closest to 100
 
 K is the L0 measured by `gemmascope eval`, so export needs it to have run. Two SAEs of
-one (site, layer, width) that round to the same K get their lambda appended to the folder.
+one (site, layer, width) that round to the same K get their lambda (other architectures:
+their knob, e.g. btk32) appended to the folder. Canonical is per architecture too. TopK
+SAEs are not JumpReLU-shaped: they go to the SAELens tree only (index "path": null).
 Imported SAEs are listed in the index (with their own path under RUN/imported, so the
 report shows them beside the run's) but are not re-released or canonical.
 Files are rewritten byte for byte the same on a rerun.
@@ -14,18 +16,26 @@ Files are rewritten byte for byte the same on a rerun.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 from gemmascope import storage
 from gemmascope.config import Config
 from gemmascope.errors import UserError
 from gemmascope.eval.catalog import IMPORTED, run_saes
-from gemmascope.export.gemma_scope import load_params_npz, params_npz_bytes, release_dir
+from gemmascope.export.gemma_scope import params_npz_bytes, release_dir
 from gemmascope.export.saelens import saelens_files
 from gemmascope.store import ActivationStore
 from gemmascope.typed_yaml import to_mapping
 
 CANONICAL_L0 = 100
+log = logging.getLogger("gemmascope.export")
+
+
+def _knob_suffix(sae) -> str:
+    """What tells apart two SAEs of one folder: lambda for JumpReLU (as released runs have it),
+    else the knob part of the SAE's name (btk32, l0_45, ...)."""
+    return f"lambda{sae.sparsity:g}" if sae.architecture == "jumprelu" else sae.name.split("-", 1)[1]
 
 
 def run_export(config: Config) -> str:
@@ -41,8 +51,7 @@ def run_export(config: Config) -> str:
         if sae.job == IMPORTED:
             imported.append({**metrics, "canonical": False, "path": f"{IMPORTED}/{sae.name}", "saelens_path": None})
             continue
-        entries.append({"sae": sae, "metrics": metrics, "arrays": load_params_npz(storage.join(sae.directory,
-                                                                                                 "params.npz"))})
+        entries.append({"sae": sae, "metrics": metrics, "arrays": sae.released()})
     if not entries and not imported:
         raise UserError(f"{run}: no finished SAEs to export; run `gemmascope sweep {config.origin}` first")
 
@@ -50,7 +59,9 @@ def run_export(config: Config) -> str:
     clashes = Counter(folders)
     canonical = {}
     for entry in entries:
-        key = (entry["sae"].site, entry["sae"].layer, entry["sae"].width)
+        if entry["sae"].k is not None:
+            continue  # TopK: not in the Gemma Scope tree, so never its canonical SAE
+        key = (entry["sae"].site, entry["sae"].layer, entry["sae"].width, entry["sae"].architecture)
         best = canonical.get(key)
         if best is None or abs(entry["metrics"]["l0"] - CANONICAL_L0) < abs(best["metrics"]["l0"] - CANONICAL_L0):
             canonical[key] = entry
@@ -58,23 +69,31 @@ def run_export(config: Config) -> str:
     for entry, folder in zip(entries, folders, strict=True):
         sae = entry["sae"]
         if clashes[folder] > 1:
-            folder = f"{folder}_lambda{sae.sparsity:g}"
-        is_canonical = canonical[(sae.site, sae.layer, sae.width)] is entry
-        record = {**entry["metrics"], "canonical": is_canonical, "path": f"saes/{folder}",
+            folder = f"{folder}_{_knob_suffix(sae)}"
+        is_canonical = canonical.get((sae.site, sae.layer, sae.width, sae.architecture)) is entry
+        gemma_scope = sae.k is None
+        record = {**entry["metrics"], "canonical": is_canonical, "path": f"saes/{folder}" if gemma_scope else None,
                   "saelens_path": f"saelens/{folder}"}
-        gemma_dir, saelens_dir = storage.join(run, "saes", folder), storage.join(run, "saelens", folder)
-        storage.write_bytes_atomic(storage.join(gemma_dir, "params.npz"), params_npz_bytes(entry["arrays"]))
-        storage.write_json_atomic(storage.join(gemma_dir, "metrics.json"), record)
-        storage.write_json_atomic(storage.join(gemma_dir, "config.json"),
-                                  {"job": sae.job, "sae": sae.name, "config": to_mapping(config)})
+        saelens_dir = storage.join(run, "saelens", folder)
+        if gemma_scope:
+            gemma_dir = storage.join(run, "saes", folder)
+            storage.write_bytes_atomic(storage.join(gemma_dir, "params.npz"), params_npz_bytes(entry["arrays"]))
+            storage.write_json_atomic(storage.join(gemma_dir, "metrics.json"), record)
+            storage.write_json_atomic(storage.join(gemma_dir, "config.json"),
+                                      {"job": sae.job, "sae": sae.name, "config": to_mapping(config)})
+        else:
+            log.info("export: %s %s is TopK (k=%d), which no JumpReLU threshold reproduces: SAELens format only, "
+                     "in %s", sae.job, sae.name, sae.k, saelens_dir)
         weights, cfg = saelens_files(entry["arrays"], site=sae.site, layer=sae.layer,
                                      model_name=config.model.source, context_size=config.harvest.context_length,
-                                     dataset=",".join(config.source.paths) or str(config.source.builtin))
+                                     dataset=",".join(config.source.paths) or str(config.source.builtin), k=sae.k)
         storage.write_bytes_atomic(storage.join(saelens_dir, "sae_weights.safetensors"), weights)
         storage.write_bytes_atomic(storage.join(saelens_dir, "cfg.json"), cfg)
         index.append(record)
     storage.write_json_atomic(storage.join(run, "saes", "index.json"),
                               {"model": config.model.source, "saes": index + imported})
     also = f" (+ {len(imported)} imported, indexed only)" if imported else ""
+    topk = sum(record["path"] is None for record in index)
+    also += f" ({topk} TopK in SAELens format only)" if topk else ""
     return f"export: {len(index)} SAEs to {run}/saes (Gemma Scope params.npz) and {run}/saelens (SAELens){also}; " \
            f"{sum(r['canonical'] for r in index)} canonical; index at {run}/saes/index.json"

@@ -14,6 +14,7 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from gemmascope import storage
 from gemmascope.errors import UserError
 from gemmascope.export.gemma_scope import check_arrays
 from gemmascope.models.sites import SITES
@@ -80,3 +81,20 @@ def read_saelens(weights: bytes, cfg_bytes: bytes, where: str) -> tuple[dict[str
     metadata = cfg.get("metadata") or cfg
     site, layer = site_of_hook(metadata.get("hook_name", ""), where)
     return arrays, site, layer
+
+
+def load_topk(directory: str) -> tuple[dict[str, np.ndarray], int]:
+    """(the four release arrays, k) of the SAELens TopK SAE in `directory` (as `saelens_files`
+    writes it)."""
+    where = storage.join(directory, WEIGHTS)
+    try:
+        cfg = json.loads(storage.read_bytes(storage.join(directory, CFG)))
+        tensors = load_safetensors(storage.read_bytes(where))
+    except (ValueError, json.JSONDecodeError) as err:
+        raise UserError(f"{directory}: not a SAELens SAE ({err})") from None
+    if cfg.get("architecture") != "topk" or not isinstance(cfg.get("k"), int):
+        raise UserError(f"{directory}: expected a SAELens topk SAE with an integer k")
+    arrays = {name: np.asarray(tensors[name], np.float32) for name in TOPK_KEYS if name in tensors}
+    if sorted(arrays) != sorted(TOPK_KEYS):
+        raise UserError(f"{where}: expected arrays {', '.join(TOPK_KEYS)}, found {', '.join(sorted(tensors))}")
+    return arrays, cfg["k"]
