@@ -20,7 +20,7 @@ import torch
 from safetensors.numpy import load_file
 
 from gemmascope.config import Config, SAEGridEntry, TrainConfig, load_config
-from gemmascope.errors import ConfigError
+from gemmascope.errors import ConfigError, UserError
 from gemmascope.eval.activations import activation_metrics
 from gemmascope.eval.catalog import run_saes
 from gemmascope.eval.lm import released_reconstruction
@@ -61,6 +61,26 @@ saes:
     assert [s.name for s in job.saes] == ["w1024-s0.001", "w1024-l0_15", "w1024-l0_45", "w1024-l0_120",
                                           "w1024-k32", "w1024-btk32", "w1024-mbtk16", "w1024-l1_0.01"]
     assert [s.architecture for s in job.saes][:2] == ["jumprelu", "jumprelu_target_l0"]
+    from gemmascope.sweep.plan import plan
+
+    (entry,) = plan(load_config(tmp_path / "c.yaml"), INFO)["jobs"]
+    assert entry["architectures"] == ["batchtopk", "jumprelu", "jumprelu_target_l0", "matryoshka_batchtopk",
+                                      "relu_l1", "topk"]
+
+
+def test_a_batchtopk_sae_that_never_kept_an_activation_is_refused_by_name(tmp_path):
+    """No kept minimum was ever folded in (weight 0): exporting would write a NaN threshold."""
+    from gemmascope.train import arch
+    from gemmascope.train.group import Group
+    from gemmascope.train.trainer import _write_sae
+
+    job = _plan(tmp_path, "saes:\n  - {sites: [res], layers: [1], widths: [64], architecture: batchtopk, k: [4]}\n")[0]
+    group = Group.of(64, [(64, 4.0)], ["batchtopk"])
+    params = arch.init_sae(jax.random.key(0), 64, 64)
+    with pytest.raises(UserError, match=r"res-L1-w64 w64-btk4: no batch kept a positive activation"):
+        _write_sae(load_config(tmp_path / "c.yaml"), str(tmp_path / "job"), job, group, 0, params,
+                   arch.ThresholdEstimate.zero(), 10, 1.0)
+    assert not (tmp_path / "job").exists()
 
 
 def test_a_label_and_its_number_are_the_same_sae(tmp_path):

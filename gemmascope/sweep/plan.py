@@ -116,7 +116,8 @@ def _job_entry(job: Job, config: Config) -> dict:
         epochs_note = {"epochs": job.tokens / max(rows - config.train.holdout_rows, 1)}
     return {"id": job.id, "site": job.site, "layer": job.layer, "target": job.target, "d_in": job.d_in,
             "tokens": job.tokens, "steps": job.steps(config.train.batch_size),
-            "saes": [s.name for s in job.saes], "flops": job.flops(), **epochs_note,
+            "saes": [s.name for s in job.saes], "architectures": sorted({s.architecture for s in job.saes}),
+            "flops": job.flops(), **epochs_note,
             "resources": to_mapping(job.resources)}
 
 

@@ -306,6 +306,9 @@ def _write_sae(config: Config, directory: str, job: Job, group: Group, index: in
     width, knob = group.saes[index]
     architecture = group.architecture(index)
     sae_dir = storage.join(directory, "saes", group.name(index))
+    if estimate is not None and not float(estimate.weight) > 0:
+        raise UserError(f"{job.id} {group.name(index)}: no batch kept a positive activation in {steps} steps, "
+                        "so no global threshold was learned; train longer or with a larger k")
     jumprelu = as_jumprelu(architecture, params, estimate)
     if jumprelu is not None:
         storage.write_bytes_atomic(storage.join(sae_dir, "params.npz"), params_npz_bytes(to_release(jumprelu, scale)))
