@@ -38,15 +38,26 @@ def _page(title: str, body: str) -> str:
             f"<style>{STYLE}</style></head><body>{body}</body></html>\n")
 
 
+# How each architecture's sparsity knob reads beside its stream (JumpReLU: lambda).
+KNOB_LABELS = {"jumprelu": "&lambda; {}", "jumprelu_target_l0": "target L0 {}", "topk": "TopK k={}",
+               "batchtopk": "BatchTopK k={}", "matryoshka_batchtopk": "Matryoshka BatchTopK k={}",
+               "relu_l1": "ReLU+L1 {}"}
+
+
+def _architecture(entry: dict) -> str:
+    return entry.get("architecture", "jumprelu")  # indexes written before there were others
+
+
 def _slug(entry: dict) -> str:
-    which = f"s{entry['sparsity']:g}" if entry["sparsity"] is not None else entry["name"]
+    """e.g. res-L6-w16k-s0.0006, res-L6-w16k-btk32: the SAE's name after its width."""
+    which = entry["name"].split("-", 1)[1] if entry["sparsity"] is not None else entry["name"]
     return f"{entry['site']}-L{entry['layer']}-w{width_label(entry['width'])}-{which}"
 
 
 def _which(entry: dict) -> str:
-    """An SAE's name beside its stream: its lambda, or where it was imported from."""
+    """An SAE's name beside its stream: its architecture's knob, or where it was imported from."""
     if entry["sparsity"] is not None:
-        return f"&lambda; {entry['sparsity']:g}"
+        return KNOB_LABELS[_architecture(entry)].format(f"{entry['sparsity']:g}")
     return f"imported from {escape(entry['source'])}"
 
 
@@ -54,19 +65,29 @@ def _stream(entry: dict) -> str:
     return f"{entry['site']} L{entry['layer']} {width_label(entry['width'])}"
 
 
+def _frontier(entry: dict) -> str:
+    """The line an SAE is a point of: its stream, one line per architecture; an imported SAE
+    is a point of its own."""
+    if entry["sparsity"] is None:
+        return f"{_stream(entry)} {entry['name']}"
+    architecture = _architecture(entry)
+    return _stream(entry) + ("" if architecture == "jumprelu" else f" {architecture}")
+
+
 def index_page(index: dict) -> str:
     saes = sorted(index["saes"], key=lambda e: (e["site"], e["layer"], e["width"], e["l0"]))
     by_stream: dict[str, list[dict]] = defaultdict(list)
-    for entry in saes:  # imported SAEs are points of their own, not on the run's frontier
-        by_stream[_stream(entry) + (f" {entry['name']}" if entry["sparsity"] is None else "")].append(entry)
+    for entry in saes:
+        by_stream[_frontier(entry)].append(entry)
     delta = {name: [(e["l0"], e["delta_loss"]) for e in group] for name, group in by_stream.items()}
     fvu = {name: [(e["l0"], e["fvu"]) for e in group] for name, group in by_stream.items()}
-    columns = ("site", "layer", "width", "sparsity", "l0", "fvu", "delta_loss", "kl", "loss_recovered",
-               "dead_fraction", "dense_fraction")
+    columns = ("site", "layer", "width", "architecture", "sparsity", "l0", "fvu", "delta_loss", "kl",
+               "loss_recovered", "dead_fraction", "dense_fraction")
     rows = []
     for entry in saes:
-        cells = "".join(f"<td>{entry[c]:.4g}</td>" if isinstance(entry[c], float)
-                        else "<td>imported</td>" if entry[c] is None else f"<td>{escape(str(entry[c]))}</td>"
+        values = {**entry, "architecture": _architecture(entry)}
+        cells = "".join(f"<td>{values[c]:.4g}</td>" if isinstance(values[c], float)
+                        else "<td>imported</td>" if values[c] is None else f"<td>{escape(str(values[c]))}</td>"
                         for c in columns)
         mark = " &#9733;" if entry["canonical"] else ""
         rows.append(f'<tr>{cells}<td><a href="features/{_slug(entry)}.html">features</a>{mark}</td></tr>')

@@ -1,0 +1,39 @@
+"""The report's index page: one frontier line per (stream, architecture), each SAE labelled
+by its own architecture's knob, and feature-page links that stay unique."""
+
+from __future__ import annotations
+
+import re
+
+from gemmascope.report.pages import index_page
+
+
+def entry(name: str, sparsity: float | None, l0: float, architecture: str | None = "jumprelu", **extra) -> dict:
+    record = {"site": "res", "layer": 6, "width": 1024, "sparsity": sparsity, "name": name, "l0": l0,
+              "fvu": 0.1, "delta_loss": 0.05 * 100 / l0, "kl": 0.01, "loss_recovered": 0.9,
+              "dead_fraction": 0.0, "dense_fraction": 0.0, "canonical": False, "source": None,
+              "density_histogram": {"dead": 0, "counts": [1, 2], "log10_edges": [-3.0, -2.0, -1.0]}, **extra}
+    if architecture is not None:
+        record["architecture"] = architecture
+    return record
+
+
+def series_names(html: str) -> set[str]:
+    """The frontier line each plotted point belongs to (its tooltip: "<line>: L0 ..., ...")."""
+    return set(re.findall(r"<title>([^<:]+): L0", html))
+
+
+def test_each_architecture_is_its_own_frontier_and_label():
+    saes = [entry("w1024-s0.0003", 3e-4, 160), entry("w1024-s0.003", 3e-3, 40),
+            entry("w1024-btk32", 32, 32, "batchtopk"), entry("w1024-btk64", 64, 64, "batchtopk"),
+            entry("w1024-k32", 32, 32, "topk"), entry("w1024-l0_45", 45, 47, "jumprelu_target_l0"),
+            entry("w1024-s0.01", 0.01, 90, None)]  # an index written before architectures: JumpReLU
+    html = index_page({"model": "test", "saes": saes})
+    assert series_names(html) == {"res L6 1k", "res L6 1k batchtopk", "res L6 1k topk",
+                                  "res L6 1k jumprelu_target_l0"}
+    for label in ("&lambda; 0.0003", "BatchTopK k=32", "TopK k=32", "target L0 45", "&lambda; 0.01"):
+        assert f", {label} (L0" in html, label
+    links = re.findall(r'href="features/([^"]+)\.html"', html)
+    assert len(links) == len(set(links)) == 7  # btk32 and k32 share a knob value, not a page
+    assert "res-L6-w1k-s0.0003" in links and "res-L6-w1k-s0.01" in links and "res-L6-w1k-btk32" in links and "res-L6-w1k-k32" in links
+    assert "<td>batchtopk</td>" in html and html.count("<td>jumprelu</td>") == 3
