@@ -63,6 +63,10 @@ def test_demo_config_has_the_values_in_the_file():
     assert config.saes == (
         SAEGridEntry(sites=("res",), layers=(3, 6, 9), widths=(1024,), sparsity=(3e-4, 1e-3, 3e-3), tokens=512000),
         SAEGridEntry(sites=("res",), layers=(6,), widths=(2048,), sparsity=(3e-4, 1e-3, 3e-3), tokens=1024000),
+        SAEGridEntry(sites=("res",), layers=(6,), widths=(1024,), architecture="jumprelu_target_l0",
+                     l0_targets=("small", "medium", "big"), tokens=512000),
+        SAEGridEntry(sites=("res",), layers=(6,), widths=(1024,), architecture="batchtopk", k=(20, 50, 120),
+                     tokens=512000),
     )
     assert config.train.batch_size == 1024
     assert config.sweep.cpus_per_job == 1
