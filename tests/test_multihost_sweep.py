@@ -17,7 +17,7 @@ import pytest
 from gemmascope.store.synthetic import write_store
 from gemmascope.sweep.ledger import DONE
 from tests.harvest_helpers import GEMMASCOPE, ROOT, cli, start_cli
-from tests.train_helpers import write_yaml
+from tests.train_helpers import committed_steps, write_yaml
 
 pytestmark = pytest.mark.ray
 
@@ -60,14 +60,6 @@ def worst_relative_difference(got: dict, expected: dict) -> float:
                for sae, arrays in expected.items() for key, value in arrays.items())
 
 
-def committed_steps(run_dir: Path) -> list[int]:
-    checkpoints = run_dir / "train" / JOB / "checkpoints"
-    if not checkpoints.exists():
-        return []
-    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()
-                  and (p / "checksums.json").exists())
-
-
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> dict:
     """The job trained by `gemmascope train` in one process with 2 CPU devices (the same mesh)."""
@@ -108,12 +100,12 @@ def test_a_two_host_job_survives_losing_a_host_and_equals_one_process(cluster, o
     run_dir = tmp_path / "run"
     launcher = start_cli("sweep", write_config(run_dir), "--ray-address", cluster.address, "--no-progress")
     deadline = time.monotonic() + 300
-    while not committed_steps(run_dir):
+    while not committed_steps(run_dir, JOB):
         assert launcher.poll() is None, launcher.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "the job never checkpointed"
         time.sleep(0.05)
     cluster.remove_node(cluster.list_all_nodes()[1])  # one of the job's two hosts goes
-    lost_after = max(committed_steps(run_dir))
+    lost_after = max(committed_steps(run_dir, JOB))
     cluster.add_node(num_cpus=1)  # a spare, so the job finds two hosts again
     stdout, stderr = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, stderr[-3000:]

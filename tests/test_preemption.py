@@ -15,7 +15,7 @@ import pytest
 from gemmascope.store.synthetic import write_store
 from gemmascope.sweep.ledger import DONE, FAILED
 from tests.harvest_helpers import cli, start_cli
-from tests.train_helpers import write_yaml
+from tests.train_helpers import committed_steps, write_yaml
 
 pytestmark = pytest.mark.ray
 
@@ -53,14 +53,6 @@ def params(run_dir: Path) -> dict[str, bytes]:
     return out
 
 
-def committed_steps(run_dir: Path) -> list[int]:
-    checkpoints = run_dir / "train" / JOB / "checkpoints"
-    if not checkpoints.exists():
-        return []
-    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()
-                  and (p / "checksums.json").exists())
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """A head that runs no jobs (CPU 0) and one worker node; a test that removes the worker
@@ -82,12 +74,12 @@ def test_a_job_whose_node_is_lost_resumes_on_another_node_and_matches_an_uninter
     (first_node,) = cluster.list_all_nodes()[1:]
     launcher = start_cli("sweep", write_config(run_dir), "--ray-address", cluster.address, "--no-progress")
     deadline = time.monotonic() + 300
-    while not committed_steps(run_dir):
+    while not committed_steps(run_dir, JOB):
         assert launcher.poll() is None, launcher.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "the job never checkpointed"
         time.sleep(0.05)
     cluster.remove_node(first_node)  # the spot VM is taken away, its processes with it
-    lost_after = max(committed_steps(run_dir))
+    lost_after = max(committed_steps(run_dir, JOB))
     cluster.add_node(num_cpus=1)  # where the job can go on
     stdout, stderr = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, stderr[-3000:]

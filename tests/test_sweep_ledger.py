@@ -11,8 +11,16 @@ import pytest
 
 from gemmascope import versioned
 from gemmascope.config import SweepConfig
-from gemmascope.sweep.ledger import (DONE, FAILED, PENDING, PREEMPTION, RUNNING, USER_ERROR, JobLedger,
-                                     Launcher)
+from gemmascope.sweep.ledger import (
+    DONE,
+    FAILED,
+    PENDING,
+    PREEMPTION,
+    RUNNING,
+    USER_ERROR,
+    JobLedger,
+    Launcher,
+)
 
 SWEEP = SweepConfig(lease_seconds=60.0, heartbeat_seconds=10.0, max_attempts=3)
 

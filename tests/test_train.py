@@ -17,7 +17,13 @@ from gemmascope.config import SAEGridEntry
 from gemmascope.errors import UserError
 from gemmascope.store.synthetic import sparse_dictionary_data, write_store
 from gemmascope.train.trainer import train_job
-from tests.train_helpers import gaussian_store, load_params, small_config, write_yaml
+from tests.train_helpers import (
+    committed_steps,
+    gaussian_store,
+    load_params,
+    small_config,
+    write_yaml,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 GEMMASCOPE = str(Path(sys.executable).parent / "gemmascope")
@@ -51,17 +57,10 @@ def _run_cli(config_path: str, *extra: str) -> subprocess.Popen:
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _checkpoint_steps(run_dir: Path) -> list[int]:
-    """Committed checkpoints only: a step directory counts once its manifest is written."""
-    directory = run_dir / "train" / "res-L0-w512" / "checkpoints"
-    return sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit()
-                  and (p / "checksums.json").exists()) if directory.exists() else []
-
-
 def _wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, at_least: int) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        steps = _checkpoint_steps(run_dir)
+        steps = committed_steps(run_dir, "res-L0-w512")
         if steps and steps[-1] >= at_least:
             return
         if process.poll() is not None:
@@ -93,7 +92,7 @@ def test_killed_run_resumes_bit_identical(uninterrupted, tmp_path, how):
     _wait_for_checkpoint(tmp_path, process, at_least=100)
     process.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
     process.wait(timeout=120)
-    stopped_at = _checkpoint_steps(tmp_path)[-1]
+    stopped_at = committed_steps(tmp_path, "res-L0-w512")[-1]
     assert 100 <= stopped_at < STEPS
     if how == "sigterm":
         assert process.returncode == 143

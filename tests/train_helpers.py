@@ -48,3 +48,13 @@ def gaussian_store(run_dir, n_rows=16384, d_in=32, seed=0, **kwargs) -> np.ndarr
 def load_params(run_dir, name: str, job: str) -> dict[str, np.ndarray]:
     with np.load(Path(run_dir) / "train" / job / "saes" / name / "params.npz") as data:
         return {k: data[k] for k in data.files}
+
+
+def committed_steps(run_dir, job: str) -> list[int]:
+    """A job's committed checkpoints: a step directory counts once its manifest is written
+    (Orbax creates the directory a few ms before)."""
+    checkpoints = Path(run_dir) / "train" / job / "checkpoints"
+    if not checkpoints.exists():
+        return []
+    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()
+                  and (p / "checksums.json").exists())

@@ -34,7 +34,16 @@ from gemmascope.errors import UserError
 from gemmascope.faults import crash_point
 from gemmascope.sweep.grid import Job
 from gemmascope.sweep.job_run import JobRun, host_bundles
-from gemmascope.sweep.ledger import DONE, FAILED, FAILURE, PREEMPTION, RUNNING, USER_ERROR, JobLedger, Launcher
+from gemmascope.sweep.ledger import (
+    DONE,
+    FAILED,
+    FAILURE,
+    PREEMPTION,
+    RUNNING,
+    USER_ERROR,
+    JobLedger,
+    Launcher,
+)
 from gemmascope.sweep.plan import model_shape, write_plan
 from gemmascope.train.trainer import logged_metrics
 
