@@ -192,10 +192,16 @@ L0_TARGET_LABELS = {"small": 15, "medium": 45, "big": 120}
 DEFAULT_SPARSITY = (6e-4,)  # a jumprelu block without `sparsity`: the known point, L0 ~ 50 on 9B layer 20 res
 
 
-def sae_name(width: int, architecture: str, knob: float) -> str:
+# Transcoders (SPEC.md 5): the (input site, target site) pairs an SAE may read and predict,
+# where evaluation can splice the prediction in place of the target in the same layer.
+TRANSCODER_PAIRS = {("mlp_in", "mlp")}
+
+
+def sae_name(width: int, architecture: str, knob: float, skip: bool = False) -> str:
     """An SAE's name within its job: w16384-s0.0006 (JumpReLU, as released runs name them),
-    w16384-l0_45, w16384-k32, w16384-btk32, w16384-mbtk32, w16384-l1_0.01."""
-    return f"w{width}-{ARCHITECTURES[architecture].prefix}{knob:g}"
+    w16384-l0_45, w16384-k32, w16384-btk32, w16384-mbtk32, w16384-l1_0.01; a skip
+    transcoder's ends in -skip (w16384-s0.0006-skip), so both kinds share a job."""
+    return f"w{width}-{ARCHITECTURES[architecture].prefix}{knob:g}" + ("-skip" if skip else "")
 
 
 @dataclass(frozen=True)
@@ -227,8 +233,11 @@ class SAEGridEntry:
     # Training tokens per SAE; null: train.tokens (Gemma Scope: 4B for 2^14, 16B for 2^20, else 8B).
     tokens: int | None = None
     # The site the SAE reconstructs; null: its input site. A transcoder reads mlp_in and
-    # reconstructs mlp (SPEC.md section 5).
+    # reconstructs mlp (SPEC.md section 5), the only pair evaluation can splice.
     target: str | None = None
+    # Transcoders only: also learn an affine skip connection x @ W_skip from input to
+    # output (Gemma Scope 2's skip transcoders); W_skip starts at zero.
+    skip: bool = False
     # Start every SAE of this block from a released JumpReLU SAE (a Gemma Scope params.npz
     # folder or a SAELens folder, local or gs://) instead of the recipe's initialisation;
     # jumprelu and jumprelu_target_l0 only (the others have no thresholds to take).
@@ -250,6 +259,7 @@ class SAEGridEntry:
             if width < 2 or width & (width - 1):
                 raise InvalidValue(f"widths[{i}]", width, "must be a power of two (the release layout names widths by it)")
         self._check_knobs()
+        self._check_transcoder()
         if self.tokens is not None and self.tokens < 1:
             raise InvalidValue("tokens", self.tokens, "must be >= 1")
         if self.init_from is not None:
@@ -279,6 +289,22 @@ class SAEGridEntry:
                 raise InvalidValue(f"{own}[{i}]", value, "must be >= 1")
             if own == "k" and value > min(self.widths):
                 raise InvalidValue(f"k[{i}]", value, f"more than the width {min(self.widths)}")
+
+    def _check_transcoder(self) -> None:
+        """A target other than the input makes a transcoder: a pair evaluation can splice, of an
+        architecture exported as JumpReLU (TopK has no such form, nor SAELens a TopK transcoder)."""
+        transcoded = [site for site in self.sites if self.target not in (None, site)]
+        if self.skip and (not transcoded or len(transcoded) < len(self.sites)):
+            raise InvalidValue("skip", True, "a skip connection is for transcoders only (every site with a "
+                               "target of its own, e.g. sites [mlp_in] with target mlp)")
+        for site in transcoded:
+            if (site, self.target) not in TRANSCODER_PAIRS:
+                raise InvalidValue("target", self.target, f"no transcoder from {site} to {self.target} "
+                                   f"(supported: {', '.join(f'{a} -> {b}' for a, b in sorted(TRANSCODER_PAIRS))})")
+        if transcoded and self.architecture == "topk":
+            raise InvalidValue("architecture", "topk", "a transcoder must be exportable as JumpReLU; use batchtopk")
+        if transcoded and self.init_from is not None:
+            raise InvalidValue("init_from", self.init_from, "released SAEs can start SAEs only, not transcoders")
 
     @property
     def knobs(self) -> tuple[float, ...]:

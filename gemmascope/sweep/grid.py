@@ -47,10 +47,15 @@ class SAESpec:
     target: str  # the reconstructed site; == site unless a transcoder
     init_from: str | None = None  # a released SAE to start from
     architecture: str = "jumprelu"
+    skip: bool = False  # a skip transcoder: y_hat also gets x @ W_skip
+
+    @property
+    def transcoder(self) -> bool:
+        return self.target != self.site
 
     @property
     def name(self) -> str:
-        return sae_name(self.width, self.architecture, self.sparsity)
+        return sae_name(self.width, self.architecture, self.sparsity, self.skip)
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ def expand(config: Config, info: ModelInfo) -> list[SAESpec]:
                 for width in entry.widths:
                     for knob in entry.knobs:
                         spec = SAESpec(site, layer, width, knob, tokens, entry.target or site, entry.init_from,
-                                       entry.architecture)
+                                       entry.architecture, entry.skip)
                         key = (site, layer, spec.target, spec.name)
                         if key in seen:
                             raise ConfigError(f"{config.origin}: saes[{index}]: {site} layer {layer} SAE {spec.name} "
