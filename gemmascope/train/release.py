@@ -6,6 +6,10 @@ Training sees x = x_raw / C. Folding C and the pre-encoder bias into the paramet
 
 gives released SAEs whose latents on x_raw are C times the training latents and whose
 reconstruction is C times the training reconstruction (the raw-scale reconstruction).
+
+A transcoder (SPEC.md 5) has no pre-encoder bias and its input and target share C, so
+b_enc' = C*b_enc and the same b_dec', theta'; a skip transcoder's W_skip is unchanged
+((x_raw / C) @ W_skip * C = x_raw @ W_skip) and released as a sixth array, W_skip.
 """
 
 from __future__ import annotations
@@ -15,14 +19,18 @@ import numpy as np
 from gemmascope.train.jumprelu import JumpReLUParams
 
 RELEASE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+SKIP_KEY = "W_skip"  # [d_in, d_out]: a skip transcoder's affine skip, the one extra array
 
 
-def to_release(params: JumpReLUParams, scale: float) -> dict[str, np.ndarray]:
+def to_release(params: JumpReLUParams, scale: float, *, transcoder: bool = False) -> dict[str, np.ndarray]:
     """The five float32 arrays of a Gemma Scope params.npz; four for params without
-    thresholds (a TopK SAE, whose k is kept beside its arrays)."""
+    thresholds (a TopK SAE, whose k is kept beside its arrays); with `transcoder`, no
+    pre-encoder bias to fold, and W_skip as well when the params have one."""
     W_enc = np.asarray(params.W_enc, np.float64)
     b_dec = np.asarray(params.b_dec, np.float64)
-    b_enc = scale * np.asarray(params.b_enc, np.float64) - scale * (b_dec @ W_enc)
+    b_enc = scale * np.asarray(params.b_enc, np.float64)
+    if not transcoder:
+        b_enc = b_enc - scale * (b_dec @ W_enc)
     released = {
         "W_enc": np.asarray(params.W_enc, np.float32),
         "W_dec": np.asarray(params.W_dec, np.float32),
@@ -31,6 +39,8 @@ def to_release(params: JumpReLUParams, scale: float) -> dict[str, np.ndarray]:
     }
     if params.log_threshold is not None:
         released["threshold"] = (scale * np.exp(np.asarray(params.log_threshold, np.float64))).astype(np.float32)
+    if getattr(params, SKIP_KEY, None) is not None:
+        released[SKIP_KEY] = np.asarray(params.W_skip, np.float32)
     return released
 
 
@@ -46,8 +56,15 @@ def release_encode(released: dict[str, np.ndarray], x_raw: np.ndarray, k: int | 
     return f
 
 
-def release_decode(released: dict[str, np.ndarray], f: np.ndarray) -> np.ndarray:
-    return f @ released["W_dec"] + released["b_dec"]
+def release_decode(released: dict[str, np.ndarray], f: np.ndarray, x_raw: np.ndarray | None = None) -> np.ndarray:
+    """The raw-scale output of latents f: f @ W_dec + b_dec, plus x_raw @ W_skip for a skip
+    transcoder (which needs its input `x_raw` too)."""
+    y_hat = f @ released["W_dec"] + released["b_dec"]
+    if SKIP_KEY in released:
+        if x_raw is None:
+            raise ValueError("a skip transcoder's output needs its input x_raw")
+        y_hat = y_hat + x_raw @ released[SKIP_KEY]
+    return y_hat
 
 
 def from_release(released: dict[str, np.ndarray], scale: float) -> JumpReLUParams:
