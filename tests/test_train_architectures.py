@@ -131,7 +131,7 @@ def test_group_gradients_are_jax_grad_of_each_architectures_own_loss():
     state = init_state(MIXED, STEP_CONFIG, jax.random.key(1))
     x = jax.random.normal(jax.random.key(2), (64, 16)) * 0.25 + 0.1
     since_fired = tuple(jnp.where(jnp.arange(32) % 4 == 0, 10, 0).astype(jnp.int32) for _ in state.params)
-    results = jax.jit(member_steps(MIXED, STEP_CONFIG))(state.params, since_fired, x, jnp.float32(1.0))
+    results = jax.jit(member_steps(MIXED, STEP_CONFIG))(state.params, since_fired, x, x, jnp.float32(1.0))
     dead = since_fired[0] >= 3
     aux = dict(aux_k=8, aux_coefficient=STEP_CONFIG.aux_coefficient)
     rules = [arch.JumpReLU(1e-2, STEP_CONFIG.bandwidth),

@@ -13,7 +13,7 @@ import jax
 
 from gemmascope.config import TrainConfig
 from gemmascope.train import arch
-from gemmascope.train.jumprelu import JumpReLUParams, init_params
+from gemmascope.train.jumprelu import init_params
 
 JUMPRELU = "jumprelu"
 # Trained per-latent log-thresholds (JumpReLUParams, a released SAE can start them).
@@ -22,18 +22,26 @@ THRESHOLDED = frozenset({"jumprelu", "jumprelu_target_l0"})
 ESTIMATED = frozenset({"batchtopk", "matryoshka_batchtopk"})
 
 
-def init_member(key: jax.Array, d_in: int, width: int, architecture: str, config: TrainConfig):
+def init_member(key: jax.Array, d_in: int, width: int, architecture: str, config: TrainConfig,
+                d_out: int | None = None, skip: bool = False):
     """The recipe's initialisation (SPEC.md 2) for every architecture; log-thresholds only
-    where the architecture trains them (an optimiser never sees a parameter it cannot use)."""
-    if architecture in THRESHOLDED:
-        return init_params(key, d_in, width, config.threshold_init)
+    where the architecture trains them (an optimiser never sees a parameter it cannot use).
+    With `d_out` a transcoder's (`arch.init_transcoder`, W_skip with `skip`)."""
+    threshold = config.threshold_init if architecture in THRESHOLDED else None
+    if d_out is not None:
+        return arch.init_transcoder(key, d_in, d_out, width, threshold, skip)
+    if threshold is not None:
+        return init_params(key, d_in, width, threshold)
     return arch.init_sae(key, d_in, width)
 
 
 def rule(architecture: str, knob: float, width: int, config: TrainConfig, warmup: jax.Array) -> arch.Rule:
     """The `arch` rule of a non-JumpReLU SAE at this step. `warmup` (train.sparsity_warmup_steps,
     in [0, 1]) scales every sparsity penalty as it scales JumpReLU's lambda; TopK-style rules
-    have no penalty to warm up."""
+    have no penalty to warm up. JumpReLU comes here only as a transcoder (an SAE takes the
+    hand-written fused step)."""
+    if architecture == JUMPRELU:
+        return arch.JumpReLU(sparsity=knob * warmup, bandwidth=config.bandwidth)
     if architecture == "jumprelu_target_l0":
         return arch.TargetL0JumpReLU(target_l0=knob, l0_coefficient=config.target_l0_coefficient * warmup,
                                      frequency_threshold=config.frequency_threshold,
@@ -52,9 +60,10 @@ def rule(architecture: str, knob: float, width: int, config: TrainConfig, warmup
     raise ValueError(f"no arch rule for architecture {architecture!r}")
 
 
-def as_jumprelu(architecture: str, params, estimate: arch.ThresholdEstimate | None) -> JumpReLUParams | None:
-    """The JumpReLU SAE an architecture is at inference (what the Gemma Scope format holds),
-    or None for TopK, whose per-row selection no threshold reproduces.
+def as_jumprelu(architecture: str, params, estimate: arch.ThresholdEstimate | None):
+    """The JumpReLU SAE an architecture is at inference (what the Gemma Scope format holds:
+    the five `JumpReLUParams` fields, and a skip transcoder's W_skip), or None for TopK,
+    whose per-row selection no threshold reproduces.
 
     BatchTopK rules: every latent gets the learned global threshold. ReLU + L1: threshold
     0, where JumpReLU is ReLU (log 0 = -inf, and the release writes exp(-inf) * C = 0).
@@ -62,7 +71,7 @@ def as_jumprelu(architecture: str, params, estimate: arch.ThresholdEstimate | No
     if architecture in THRESHOLDED:
         return params
     if architecture in ESTIMATED:
-        return JumpReLUParams(*arch.batchtopk_to_jumprelu(params, estimate.value)[:5])
+        return arch.batchtopk_to_jumprelu(params, estimate.value)
     if architecture == "relu_l1":
-        return JumpReLUParams(*arch.batchtopk_to_jumprelu(params, 0.0)[:5])
+        return arch.batchtopk_to_jumprelu(params, 0.0)
     return None

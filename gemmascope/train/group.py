@@ -5,6 +5,10 @@ has its own parameters; the batch is converted and normalised once and shared by
 them, and the summed loss gives each SAE exactly its own gradient because no parameter
 is shared. Plain JumpReLU SAEs take the hand-written fused/sparse backward pass; the
 other architectures take `jax.value_and_grad` of `arch.sae_loss` with their rule.
+
+A transcoder group (`d_out` set) reads paired rows [input | target], both divided by the
+input's constant C (SPEC.md 5), and every member, JumpReLU included, differentiates
+`arch.transcoder_loss` (the fused step is written for the SAE wiring).
 """
 
 from __future__ import annotations
@@ -34,22 +38,33 @@ class Group:
     d_in: int
     saes: tuple[tuple[int, float], ...]  # (width, sparsity knob) of each SAE, in job order
     architectures: tuple[str, ...] = ()  # of each SAE; empty: every SAE is JumpReLU
+    d_out: int | None = None  # transcoders: the target's width (None: SAEs, reconstructing the input)
+    skips: tuple[bool, ...] = ()  # of each transcoder: has an affine skip W_skip; empty: none has
 
     @classmethod
-    def of(cls, d_in: int, saes: list[tuple[int, float]], architectures: list[str] | None = None) -> Group:
+    def of(cls, d_in: int, saes: list[tuple[int, float]], architectures: list[str] | None = None,
+           d_out: int | None = None, skips: list[bool] | None = None) -> Group:
         saes = tuple((int(w), float(s)) for w, s in saes)
-        return cls(d_in, saes, tuple(architectures or (JUMPRELU,) * len(saes)))
+        return cls(d_in, saes, tuple(architectures or (JUMPRELU,) * len(saes)), d_out,
+                   tuple(skips or (False,) * len(saes)))
 
     @property
     def size(self) -> int:
         return len(self.saes)
 
+    @property
+    def transcoder(self) -> bool:
+        return self.d_out is not None
+
     def architecture(self, index: int) -> str:
         return self.architectures[index] if self.architectures else JUMPRELU
 
+    def skip(self, index: int) -> bool:
+        return bool(self.skips) and self.skips[index]
+
     def name(self, index: int) -> str:
         width, knob = self.saes[index]
-        return sae_name(width, self.architecture(index), knob)
+        return sae_name(width, self.architecture(index), knob, self.skip(index))
 
     @property
     def estimated(self) -> tuple[int, ...]:
@@ -98,7 +113,7 @@ def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def init_state(group: Group, config: TrainConfig, key: jax.Array) -> TrainState:
     keys = jax.random.split(key, group.size)
-    params = tuple(init_member(k, group.d_in, width, group.architecture(i), config)
+    params = tuple(init_member(k, group.d_in, width, group.architecture(i), config, group.d_out, group.skip(i))
                    for i, (k, (width, _)) in enumerate(zip(keys, group.saes, strict=True)))
     since_fired = tuple(jnp.zeros(p.b_enc.shape, jnp.int32) for p in params)
     estimates = tuple(arch.ThresholdEstimate.zero() for _ in group.estimated)
@@ -135,13 +150,15 @@ def dead_steps(config: TrainConfig) -> int:
 
 
 def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False):
-    """(params, since_fired, x normalised, warm-up factor) -> one `MemberStep` per SAE.
+    """(params, since_fired, x normalised, target normalised, warm-up factor) -> one
+    `MemberStep` per SAE (the target is x itself for SAEs).
 
     The SAEs are unrolled, not vmapped: each keeps plain 2-D matmuls, which XLA runs at
     full speed on every backend. JumpReLU SAEs take their hand-written backward pass
     (with `use_sparse`, `sparse.sparse_available`, the sparse path whenever the step's
-    activity allows); the others differentiate `arch.sae_loss`, with the latents unfired
-    for train.dead_window_tokens as AuxK's dead mask.
+    activity allows); the others, and every transcoder, differentiate their wiring's loss
+    (`arch.sae_loss`, `arch.transcoder_loss`), with the latents unfired for
+    train.dead_window_tokens as AuxK's dead mask.
     """
     dead_after = dead_steps(config)
 
@@ -150,27 +167,32 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
                                                     sparse.capacity(width, config) if use_sparse else None)
         return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired, took, {})
 
-    def rule_step(params, x, knob, width, lam, architecture, dead) -> MemberStep:
-        loss_fn = jax.value_and_grad(arch.sae_loss, argnums=1, has_aux=True)
-        (_, out), grads = loss_fn(rule(architecture, knob, width, config, lam), params, x, dead)
+    def rule_step(params, x, y, knob, width, lam, architecture, dead) -> MemberStep:
+        chosen = rule(architecture, knob, width, config, lam)
+        if group.transcoder:
+            loss_fn = jax.value_and_grad(lambda p: arch.transcoder_loss(chosen, p, x, y, dead), has_aux=True)
+        else:
+            loss_fn = jax.value_and_grad(lambda p: arch.sae_loss(chosen, p, x, dead), has_aux=True)
+        (_, out), grads = loss_fn(params)
         return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired,
                           jnp.zeros((), bool), out.terms)
 
-    def steps(params: tuple, since_fired: tuple, x: jax.Array, lam: jax.Array) -> list[MemberStep]:
+    def steps(params: tuple, since_fired: tuple, x: jax.Array, y: jax.Array, lam: jax.Array) -> list[MemberStep]:
         results = []
         for i, (p, count, (width, knob)) in enumerate(zip(params, since_fired, group.saes, strict=True)):
             architecture = group.architecture(i)
-            if architecture == JUMPRELU:
+            if architecture == JUMPRELU and not group.transcoder:
                 results.append(jumprelu_step(p, x, knob, width, lam))
             else:
-                results.append(rule_step(p, x, knob, width, lam, architecture, count >= dead_after))
+                results.append(rule_step(p, x, y, knob, width, lam, architecture, count >= dead_after))
         return results
 
     return steps
 
 
 def make_train_step(group: Group, config: TrainConfig, scale: float, *, use_sparse: bool = False):
-    """(state, raw batch [B, d_in]) -> (new state, metrics); pure, for `jax.jit`.
+    """(state, raw batch [B, d_in], for transcoders [B, d_in + d_out]) -> (new state, metrics);
+    pure, for `jax.jit`.
 
     Per-SAE metrics are stacked in group order; `terms` holds each SAE's architecture
     terms (AuxK, penalties, and "threshold", the BatchTopK rules' exported threshold at
@@ -184,9 +206,10 @@ def make_train_step(group: Group, config: TrainConfig, scale: float, *, use_spar
     inverse_scale = 1.0 / scale
 
     def train_step(state: TrainState, x_raw: jax.Array):
-        x = x_raw.astype(jnp.float32) * inverse_scale
+        rows = x_raw.astype(jnp.float32) * inverse_scale
+        x, y = (rows[:, :group.d_in], rows[:, group.d_in:]) if group.transcoder else (rows, rows)
         lam = factor(state.step)
-        results = steps(state.params, state.since_fired, x, lam)
+        results = steps(state.params, state.since_fired, x, y, lam)
         params, opt_state = apply_gradients(optimizer, state.params, state.opt_state,
                                             tuple(r.grads for r in results))
         since_fired = tuple(jnp.where(r.fired, 0, count + 1)

@@ -6,6 +6,10 @@ blocks of that order form a bucket of about `shuffle_rows` rows, shuffled as a w
 partial batch is dropped). The position is three integers (epoch, bucket, batch), all
 else follows from the seed, so a checkpoint restores the exact stream.
 
+With a `target` site (a transcoder's) each row is the input's row followed by the
+target's row of the same token, [d_in + d_out] wide: one stream, shuffled and
+checkpointed as one.
+
 `throughput()` reports the bytes read from the store and the rate (MiB/s) while
 reading, for the training log.
 """
@@ -34,8 +38,9 @@ class LoaderState:
 class ActivationLoader:
     def __init__(self, store: ActivationStore, site: str, layer: int, *, batch_size: int, shuffle_rows: int,
                  seed: int, stop_row: int, nonfinite: str = "error", prefetch: int = 4,
-                 place=None, start: LoaderState = LoaderState()):
+                 place=None, start: LoaderState = LoaderState(), target: str | None = None):
         self.store, self.site, self.layer = store, site, layer
+        self.sites = (site,) if target is None else (site, target)
         self.batch_size, self.seed, self.nonfinite = batch_size, seed, nonfinite
         self.blocks = store.blocks(stop_row)
         if sum(b - a for a, b in self.blocks) < batch_size:
@@ -59,7 +64,8 @@ class ActivationLoader:
         chosen = sorted(order[bucket * self.blocks_per_bucket:(bucket + 1) * self.blocks_per_bucket])
         blocks = [self.blocks[i] for i in chosen]
         began = time.perf_counter()
-        rows = np.concatenate(self.store.read_blocks(self.site, self.layer, blocks))
+        columns = [np.concatenate(self.store.read_blocks(site, self.layer, blocks)) for site in self.sites]
+        rows = columns[0] if len(columns) == 1 else np.concatenate(columns, axis=1)
         self._read_seconds += time.perf_counter() - began
         self._read_bytes += rows.nbytes
         finite = np.isfinite(rows).all(axis=1)
@@ -68,7 +74,7 @@ class ActivationLoader:
             if self.nonfinite == "error":
                 bad = int(np.flatnonzero(~finite)[0])
                 row = _global_row(blocks, bad)
-                raise UserError(f"{self.store.url}: {self.site} layer {self.layer} row {row} has NaN/inf values "
+                raise UserError(f"{self.store.url}: {'+'.join(self.sites)} layer {self.layer} row {row} has NaN/inf values "
                                 f"({skipped} such rows in this bucket); set train.nonfinite=skip to drop them")
             rows = rows[finite]
         permutation = np.random.default_rng([self.seed, epoch, bucket, 1]).permutation(len(rows))

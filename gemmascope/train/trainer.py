@@ -75,16 +75,20 @@ def job_train_config(config: Config, job: Job) -> TrainConfig:
     return replace(config.train, tokens=job.tokens, mesh_latent=job.resources.mesh_latent)
 
 
-def job_group(job: Job, d_in: int) -> Group:
-    """The group a job trains: its SAEs' widths, knobs and architectures, in job order."""
-    return Group.of(d_in, [(s.width, s.sparsity) for s in job.saes], [s.architecture for s in job.saes])
+def job_group(job: Job, d_in: int, d_out: int | None = None) -> Group:
+    """The group a job trains: its SAEs' widths, knobs and architectures, in job order; a
+    transcoder job's with its target width `d_out` and each one's skip."""
+    return Group.of(d_in, [(s.width, s.sparsity) for s in job.saes], [s.architecture for s in job.saes],
+                    d_out, [s.skip for s in job.saes])
 
 
 def _sae_record(spec) -> dict:
-    """An SAE in job.json: width and knob, and the architecture unless JumpReLU (so a JumpReLU
-    job's record reads as it did before there were other architectures)."""
+    """An SAE in job.json: width and knob, and the architecture unless JumpReLU, skip if set
+    (so a JumpReLU SAE job's record reads as it did before there were other kinds)."""
     record = {"width": spec.width, "sparsity": spec.sparsity}
-    return record if spec.architecture == JUMPRELU else {**record, "architecture": spec.architecture}
+    if spec.architecture != JUMPRELU:
+        record["architecture"] = spec.architecture
+    return {**record, "skip": True} if spec.skip else record
 
 
 def _check_job_record(directory: str, record: dict) -> None:
@@ -95,8 +99,8 @@ def _check_job_record(directory: str, record: dict) -> None:
     if storage.exists(url):
         existing = storage.read_json(url)
         existing["train"] = {**to_mapping(TrainConfig()), **existing.get("train", {})}
-        for key in ("d_in", "saes", "train", "store"):
-            if existing.get(key) != record[key]:
+        for key in ("d_in", "d_out", "saes", "train", "store"):
+            if existing.get(key) != record.get(key):
                 raise UserError(f"{url}: job was started with {key}={existing.get(key)!r}, "
                                 f"now {key}={record[key]!r}; use a new run_dir")
         return
@@ -165,21 +169,21 @@ def train_job(config: Config, job_id: str, *, progress: bool = True,
     writer = is_writer()
     store = ActivationStore.open(config.run_dir, io=config.storage)
     job = find_job(plan_jobs(config, store.model_info()), job_id, config.origin)
-    if job.target != job.site:
-        raise UserError(f"{job.id}: transcoders ({job.site} -> {job.target}) are planned by the sweep but "
-                        "this trainer fits SAEs only")
     cfg = job_train_config(config, job)
     key = (job.site, job.layer)
-    if key not in store.d_in:
-        raise UserError(f"{store.url}: no activations for site {job.site!r} layer {job.layer} "
-                        f"(harvested: {', '.join(f'{site}/{layer}' for site, layer in store.keys)})")
+    transcoder = job.target != job.site
+    for site in (job.site, job.target):
+        if (site, job.layer) not in store.d_in:
+            raise UserError(f"{store.url}: no activations for site {site!r} layer {job.layer} "
+                            f"(harvested: {', '.join(f'{site}/{layer}' for site, layer in store.keys)})")
     if not store.complete:
         raise UserError(f"{store.url}: the harvest is not complete; finish it first")
     d_in = store.d_in[key]
+    d_out = store.d_in[(job.target, job.layer)] if transcoder else None
     directory = job_dir(config, job.id)
-    _check_job_record(directory, {
-        "job": job.id, "site": job.site, "layer": job.layer, "d_in": d_in, "store": store.url,
-        "saes": [_sae_record(s) for s in job.saes], "train": to_mapping(cfg)})
+    record = {"job": job.id, "site": job.site, "layer": job.layer, "d_in": d_in, "store": store.url,
+              "saes": [_sae_record(s) for s in job.saes], "train": to_mapping(cfg)}
+    _check_job_record(directory, {**record, "target": job.target, "d_out": d_out} if transcoder else record)
     stop_row = store.n_rows - cfg.holdout_rows
     if stop_row <= 0:
         raise UserError(f"train.holdout_rows={cfg.holdout_rows} leaves no training rows ({store.n_rows} in the store)")
@@ -187,7 +191,7 @@ def train_job(config: Config, job_id: str, *, progress: bool = True,
     norm_url = storage.join(directory, "normalisation.json")
     if storage.exists(norm_url):
         normalisation = storage.read_json(norm_url)
-    else:  # deterministic, so every process computes the same C; one writes it
+    else:  # deterministic, so every process computes the same C (a transcoder's from its input); one writes it
         normalisation = estimate_scale(store, *key, sample_rows=cfg.norm_sample_rows, stop_row=stop_row,
                                        seed=cfg.seed)
         if writer:
@@ -197,7 +201,7 @@ def train_job(config: Config, job_id: str, *, progress: bool = True,
              normalisation["max_norm"] / normalisation["median_norm"])
 
     mesh = make_mesh(cfg)
-    group = job_group(job, d_in)
+    group = job_group(job, d_in, d_out)
     abstract, shardings = sharded_layout(group, cfg, mesh)
     checkpoints = Checkpoints(storage.join(directory, "checkpoints"))
     if checkpoints.latest_step is not None:
@@ -215,7 +219,7 @@ def train_job(config: Config, job_id: str, *, progress: bool = True,
     loader = ActivationLoader(store, *key, batch_size=cfg.batch_size, shuffle_rows=cfg.shuffle_rows,
                               seed=cfg.seed, stop_row=stop_row, nonfinite=cfg.nonfinite,
                               prefetch=cfg.prefetch_batches, start=loader_state,
-                              place=lambda rows: place_batch(rows, placement))
+                              place=lambda rows: place_batch(rows, placement), target=job.target if transcoder else None)
     metrics_log = _MetricsLog(storage.join(directory, "metrics.jsonl"), start) if writer else None
 
     def save() -> None:
@@ -311,7 +315,8 @@ def _write_sae(config: Config, directory: str, job: Job, group: Group, index: in
                         "so no global threshold was learned; train longer or with a larger k")
     jumprelu = as_jumprelu(architecture, params, estimate)
     if jumprelu is not None:
-        storage.write_bytes_atomic(storage.join(sae_dir, "params.npz"), params_npz_bytes(to_release(jumprelu, scale)))
+        released = to_release(jumprelu, scale, transcoder=group.transcoder)
+        storage.write_bytes_atomic(storage.join(sae_dir, "params.npz"), params_npz_bytes(released, d_out=group.d_out))
     else:
         weights, cfg = saelens_files(to_release(params, scale), site=job.site, layer=job.layer,
                                      model_name=config.model.source, context_size=config.harvest.context_length,
@@ -324,6 +329,8 @@ def _write_sae(config: Config, directory: str, job: Job, group: Group, index: in
     if architecture != JUMPRELU:
         record.update(architecture=architecture, format="gemma-scope" if jumprelu is not None else "saelens",
                       **_knob_record(architecture, knob, 1.0))
+    if group.transcoder:  # a transcoder: what it predicts, its width, and whether it has a skip
+        record.update(target=job.target, d_out=group.d_out, skip=group.skip(index))
     if estimate is not None:
         record["threshold"] = float(estimate.value) * scale  # released scale, as params.npz holds it
     storage.write_json_atomic(storage.join(sae_dir, "sae.json"), record)
