@@ -26,6 +26,10 @@ STATE_COPIES = 4
 # [batch, width] float32 buffers alive in a step: pre-activations, latents, their
 # gradients, masks.
 BATCH_BUFFERS = 6
+# What AuxK adds for the TopK family: the dead latents' masked scores, their latents and
+# those latents' gradient.
+AUXK_BUFFERS = 3
+AUXK_ARCHITECTURES = frozenset({"topk", "batchtopk", "matryoshka_batchtopk"})
 
 
 def width_label(width: int) -> str:
@@ -127,17 +131,28 @@ def expand(config: Config, info: ModelInfo) -> list[SAESpec]:
     return saes
 
 
-def _state_bytes(d_in: int, width: int) -> int:
-    return 4 * STATE_COPIES * (2 * d_in * width + 2 * width + d_in)
+def _state_bytes(spec: SAESpec, d_in: int, d_out: int) -> int:
+    """Parameters and their optimiser copies: encoder, decoder (into the target's width),
+    biases, thresholds, and a skip transcoder's W_skip."""
+    width = spec.width
+    params = d_in * width + width * d_out + 2 * width + d_out + (d_in * d_out if spec.skip else 0)
+    return 4 * STATE_COPIES * params
 
 
-def _device_bytes(d_in: int, widths: list[int], batch: int, latent: int, data: int) -> int:
-    state = sum(_state_bytes(d_in, w) for w in widths)
-    activations = sum(4 * BATCH_BUFFERS * batch * w for w in widths) + 4 * 4 * batch * d_in * len(widths)
+def _batch_bytes(spec: SAESpec, d_in: int, d_out: int, batch: int) -> int:
+    """A step's float32 buffers: [batch, width] ones (AuxK's too) and the input/output rows
+    with their reconstruction and its gradient."""
+    buffers = BATCH_BUFFERS + (AUXK_BUFFERS if spec.architecture in AUXK_ARCHITECTURES else 0)
+    return 4 * buffers * batch * spec.width + 4 * 2 * batch * (d_in + d_out)
+
+
+def _device_bytes(d_in: int, d_out: int, saes: list[SAESpec], batch: int, latent: int, data: int) -> int:
+    state = sum(_state_bytes(s, d_in, d_out) for s in saes)
+    activations = sum(_batch_bytes(s, d_in, d_out, batch) for s in saes)
     return state // latent + activations // (latent * data)
 
 
-def _fit(config: Config, d_in: int, widths: list[int]) -> tuple[int, int, int, int] | None:
+def _fit(config: Config, d_in: int, d_out: int, saes: list[SAESpec]) -> tuple[int, int, int, int] | None:
     """(hosts, latent, data, bytes per device): the fewest hosts, then the smallest latent axis
     that fits, or None."""
     sweep = config.sweep
@@ -148,7 +163,7 @@ def _fit(config: Config, d_in: int, widths: list[int]) -> tuple[int, int, int, i
         latent = 1
         while latent <= devices:
             data = devices // latent
-            used = _device_bytes(d_in, widths, config.train.batch_size, latent, data)
+            used = _device_bytes(d_in, d_out, saes, config.train.batch_size, latent, data)
             if used <= capacity:
                 return hosts, latent, data, used
             latent *= 2
@@ -156,19 +171,20 @@ def _fit(config: Config, d_in: int, widths: list[int]) -> tuple[int, int, int, i
     return None
 
 
-def _host_bytes(config: Config, d_in: int) -> int:
-    """The loader's shuffle buffer and prefetched batches (store rows held as float32)."""
+def _host_bytes(config: Config, row_width: int) -> int:
+    """The loader's shuffle buffer and prefetched batches (store rows held as float32; a
+    transcoder's rows are its input and target side by side)."""
     train = config.train
-    return 4 * d_in * (train.shuffle_rows + train.prefetch_batches * train.batch_size) + GIB // 2
+    return 4 * row_width * (train.shuffle_rows + train.prefetch_batches * train.batch_size) + GIB // 2
 
 
-def _pack(config: Config, d_in: int, saes: list[SAESpec]) -> list[list[SAESpec]]:
+def _pack(config: Config, d_in: int, d_out: int, saes: list[SAESpec]) -> list[list[SAESpec]]:
     """Consecutive SAEs of one stream share a job while they fit on as many hosts as each needs
     alone: a narrow SAE never rides on hosts only a wide one needs."""
     limit = config.sweep.max_saes_per_job or len(saes)
     packs: list[list[SAESpec]] = []
     for spec in saes:
-        alone = _fit(config, d_in, [spec.width])
+        alone = _fit(config, d_in, d_out, [spec])
         if alone is None:
             sweep = config.sweep
             raise ConfigError(
@@ -177,8 +193,8 @@ def _pack(config: Config, d_in: int, saes: list[SAESpec]) -> list[list[SAESpec]]
                 f"(sweep.max_hosts_per_job, sweep.devices_per_job, sweep.device_memory_gib); give it more hosts "
                 f"or more or bigger devices")
         if packs and len(packs[-1]) < limit:
-            together = _fit(config, d_in, [s.width for s in (*packs[-1], spec)])
-            if together and together[0] == alone[0] == _fit(config, d_in, [s.width for s in packs[-1]])[0]:
+            together = _fit(config, d_in, d_out, [*packs[-1], spec])
+            if together and together[0] == alone[0] == _fit(config, d_in, d_out, packs[-1])[0]:
                 packs[-1].append(spec)
                 continue
         packs.append([spec])
@@ -195,7 +211,7 @@ def _job_name(saes: list[SAESpec]) -> str:
 def _pack_order(spec: SAESpec) -> tuple:
     """Width, then architecture in `ARCHITECTURES` order (JumpReLU first, so a JumpReLU-only
     grid packs, and so names its jobs, as it did before there were other architectures)."""
-    return spec.width, list(ARCHITECTURES).index(spec.architecture), spec.sparsity
+    return spec.width, list(ARCHITECTURES).index(spec.architecture), spec.sparsity, spec.skip
 
 
 def plan_jobs(config: Config, info: ModelInfo) -> list[Job]:
@@ -209,19 +225,20 @@ def plan_jobs(config: Config, info: ModelInfo) -> list[Job]:
     sweep = config.sweep
     jobs: list[Job] = []
     for (site, layer, target, tokens), members in groupby(sorted(saes, key=stream), key=stream):
-        d_in = info.site_width(site)
-        packs = _pack(config, d_in, sorted(members, key=_pack_order))
+        d_in, d_out = info.site_width(site), info.site_width(target)
+        packs = _pack(config, d_in, d_out, sorted(members, key=_pack_order))
         names = [_job_name(pack) for pack in packs]
         parts = Counter()
         for pack, name in zip(packs, names, strict=True):
             if names.count(name) > 1:
                 parts[name] += 1
                 name = f"{name}-p{parts[name] - 1}"
-            hosts, latent, _, used = _fit(config, d_in, [s.width for s in pack])
+            hosts, latent, _, used = _fit(config, d_in, d_out, pack)
             devices = sweep.devices_per_job * hosts
             latent = max(latent, config.train.mesh_latent)
             resources = Resources(sweep.accelerator, sweep.devices_per_job, hosts, max(1, devices // latent),
-                                  latent, sweep.cpus_per_job, used, _host_bytes(config, d_in))
+                                  latent, sweep.cpus_per_job, used,
+                                  _host_bytes(config, d_in + (d_out if target != site else 0)))
             jobs.append(Job(name, site, layer, target, d_in, tokens, tuple(pack), resources))
     return jobs
 
