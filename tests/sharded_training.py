@@ -1,6 +1,7 @@
 """Run with 8 forced CPU devices (a subprocess of test_sharding.py): train one job under
 several meshes and print, as JSON, the final parameters' differences to the single-device
-run and the shardings the state actually has."""
+run and the shardings the state actually has; then a (skip) transcoder job under a data x
+latent mesh against one device."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import numpy as np  # noqa: E402
 from gemmascope.train.group import Group, initial_state, sharded_layout  # noqa: E402
 from gemmascope.train.mesh import make_mesh  # noqa: E402
 from gemmascope.train.trainer import train_job  # noqa: E402
+from gemmascope.store.synthetic import write_store  # noqa: E402
+from tests.test_train_transcoders import transcoder_config, transcoder_data  # noqa: E402
 from tests.train_helpers import gaussian_store, load_params, small_config  # noqa: E402
 
 MESHES = {"single": (1, 1), "data8": (8, 1), "data2_latent4": (2, 4), "latent8": (1, 8)}
@@ -58,7 +61,28 @@ def main(root: str) -> None:
                 scale = max(float(np.abs(reference).max()), 1e-12)
                 worst = max(worst, float(np.abs(value - reference).max()) / scale)
         results["runs"][name] = {"max_relative_difference": worst}
+    results["transcoders"] = transcoder_meshes(root)
     print(json.dumps(results))
+
+
+def transcoder_meshes(root: str) -> dict:
+    """A transcoder and a skip transcoder trained on (1, 1) and (2, 4): the largest relative
+    difference of their parameters, and W_skip's sharding (replicated: it has no latent axis)."""
+    x, y, _, _ = transcoder_data(n_rows=8192)
+    finals, job = {}, "mlp_in-L0-to-mlp-w128"
+    for data, latent in ((1, 1), (2, 4)):
+        run_dir = os.path.join(root, f"transcoders-{data}x{latent}")
+        write_store(run_dir, {("mlp_in", 0): x, ("mlp", 0): y})
+        config = transcoder_config(run_dir, steps=40, mesh_data=data, mesh_latent=latent, holdout_rows=1024,
+                                   batch_size=512, tokens=40 * 512, shuffle_rows=4096)
+        train_job(config, job, progress=False)
+        finals[latent] = {sae: load_params(run_dir, sae, job) for sae in ("w128-s0.001", "w128-s0.001-skip")}
+    worst = max(float(np.abs(finals[4][sae][key] - ref).max()) / max(float(np.abs(ref).max()), 1e-12)
+                for sae, params in finals[1].items() for key, ref in params.items())
+    group = Group.of(32, [(128, 0.001)], ["jumprelu"], 32, [True])
+    _, shardings = sharded_layout(group, config.train, make_mesh(config.train))
+    return {"max_relative_difference": worst, "W_skip": str(shardings.params[0].W_skip.spec),
+            "W_dec": str(shardings.params[0].W_dec.spec), "keys": sorted(finals[4]["w128-s0.001-skip"])}
 
 
 if __name__ == "__main__":

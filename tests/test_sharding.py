@@ -35,3 +35,7 @@ def test_meshes_agree_and_shard_as_configured(tmp_path):
     latent = int(specs["data2_latent4"]["mesh"]["latent"])
     assert specs["data2_latent4"]["W_enc_shard_shape"] == [32, 64 // latent]
     assert specs["data8"]["W_enc_shard_shape"] == [32, 64]  # replicated when latent = 1
+    transcoders = report["transcoders"]
+    assert transcoders["max_relative_difference"] < 2e-4, transcoders
+    assert transcoders["W_dec"] == "P('latent', None)" and transcoders["W_skip"] == "P()"
+    assert "W_skip" in transcoders["keys"]
