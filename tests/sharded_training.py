@@ -14,10 +14,10 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gemmascope.store.synthetic import write_store  # noqa: E402
 from gemmascope.train.group import Group, initial_state, sharded_layout  # noqa: E402
 from gemmascope.train.mesh import make_mesh  # noqa: E402
 from gemmascope.train.trainer import train_job  # noqa: E402
-from gemmascope.store.synthetic import write_store  # noqa: E402
 from tests.test_train_transcoders import transcoder_config, transcoder_data  # noqa: E402
 from tests.train_helpers import gaussian_store, load_params, small_config  # noqa: E402
 
