@@ -37,3 +37,17 @@ def test_each_architecture_is_its_own_frontier_and_label():
     assert len(links) == len(set(links)) == 7  # btk32 and k32 share a knob value, not a page
     assert "res-L6-w1k-s0.0003" in links and "res-L6-w1k-s0.01" in links and "res-L6-w1k-btk32" in links and "res-L6-w1k-k32" in links
     assert "<td>batchtopk</td>" in html and html.count("<td>jumprelu</td>") == 3
+
+
+def test_transcoders_are_streams_of_their_own_beside_the_mlp_saes_of_their_layer():
+    saes = [entry("w1024-s0.001", 1e-3, 120, site="mlp", layer=3),
+            entry("w1024-s0.001", 1e-3, 150, site="mlp_in", target="mlp", skip=False, layer=3),
+            entry("w1024-s0.01", 1e-2, 40, site="mlp_in", target="mlp", skip=False, layer=3),
+            entry("w1024-s0.001-skip", 1e-3, 90, site="mlp_in", target="mlp", skip=True, layer=3),
+            entry("w1024-s0.003", 3e-3, 60, site="mlp_in", layer=3)]  # an SAE of mlp_in: no target
+    html = index_page({"model": "test", "saes": saes})
+    assert series_names(html) == {"mlp L3 1k", "mlp_in-&gt;mlp L3 1k", "mlp_in-&gt;mlp skip L3 1k", "mlp_in L3 1k"}
+    links = re.findall(r'href="features/([^"]+)\.html"', html)
+    assert sorted(links) == ["mlp-L3-w1k-s0.001", "mlp_in-L3-w1k-s0.003", "mlp_in-to-mlp-L3-w1k-s0.001",
+                             "mlp_in-to-mlp-L3-w1k-s0.001-skip", "mlp_in-to-mlp-L3-w1k-s0.01"]
+    assert html.count("<td>mlp_in-&gt;mlp</td>") == 2 and html.count("<td>mlp_in-&gt;mlp skip</td>") == 1

@@ -1,7 +1,9 @@
 """Metrics of a released SAE on held-out stored activations: L0, FVU, MSE, latent densities.
 
 Computed at the released (raw) scale, in float64 accumulators over blocks of rows, so
-the figures do not depend on the training-time normalisation.
+the figures do not depend on the training-time normalisation. A transcoder encodes the
+rows of its input site and is scored against the SAME rows of its target site (MSE and
+FVU of the target: mlp_in -> mlp predicts the MLP output of the token it reads).
 """
 
 from __future__ import annotations
@@ -26,16 +28,17 @@ class _Sums:
         self.column = np.zeros(released["b_dec"].shape, np.float64)
         self.fired = np.zeros(released["b_enc"].shape, np.int64)
 
-    def add(self, x: np.ndarray) -> None:
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Rows x of the input site and y of the target (y is x for an SAE)."""
         f = release_encode(self.released, x, self.k)
-        x_hat = release_decode(self.released, f)
+        y_hat = release_decode(self.released, f, x)
         active = f != 0
         self.n += len(x)
         self.l0 += float(active.sum())
         self.fired += active.sum(axis=0)
-        self.error += float(np.sum((x.astype(np.float64) - x_hat) ** 2))
-        self.square += float(np.sum(x.astype(np.float64) ** 2))
-        self.column += x.sum(axis=0, dtype=np.float64)
+        self.error += float(np.sum((y.astype(np.float64) - y_hat) ** 2))
+        self.square += float(np.sum(y.astype(np.float64) ** 2))
+        self.column += y.sum(axis=0, dtype=np.float64)
 
     def metrics(self, dense_threshold: float) -> dict:
         n = self.n
@@ -56,12 +59,16 @@ class _Sums:
 
 def activation_metrics(store: ActivationStore, site: str, layer: int, start: int, stop: int,
                        released: dict[str, dict[str, np.ndarray]], dense_threshold: float,
-                       topk: dict[str, int] | None = None) -> dict[str, dict]:
+                       topk: dict[str, int] | None = None, target: str | None = None) -> dict[str, dict]:
     """Metrics of every SAE in `released` (name -> arrays) on one stream, reading each block
-    once; `topk` gives the k of the TopK SAEs among them (the others are JumpReLU)."""
+    once; `topk` gives the k of the TopK SAEs among them (the others are JumpReLU). With a
+    `target` other than `site` they are transcoders: each block of `site` rows is encoded and
+    the prediction compared with the same rows of `target`."""
     sums = {name: _Sums(arrays, (topk or {}).get(name)) for name, arrays in released.items()}
     for begin in range(start, stop, BLOCK_ROWS):
-        x = np.asarray(store.read(site, layer, begin, min(begin + BLOCK_ROWS, stop)), np.float32)
+        end = min(begin + BLOCK_ROWS, stop)
+        x = np.asarray(store.read(site, layer, begin, end), np.float32)
+        y = x if target in (None, site) else np.asarray(store.read(target, layer, begin, end), np.float32)
         for total in sums.values():
-            total.add(x)
+            total.add(x, y)
     return {name: total.metrics(dense_threshold) for name, total in sums.items()}

@@ -5,6 +5,10 @@ reads, and the packed sequences that lie wholly inside them. SAEs are evaluated 
 activation stream, so the model loads once and each batch's clean and zero-ablated
 passes are shared by every SAE of the stream. Each SAE's metrics.json lands beside its
 params.npz; an SAE that has one is skipped, so a rerun only evaluates what is new.
+
+A stream is (site, layer, target): a transcoder (mlp_in -> mlp) is measured on the rows
+of both of its sites and spliced in place of the MLP, so it never shares a stream with an
+mlp SAE of its layer (they share the clean and the zero-ablated passes all the same).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def run_eval(config: Config, *, progress: bool = True) -> str:
         return "eval: every SAE of the run already has metrics.json"
     streams: dict[tuple, list[RunSAE]] = defaultdict(list)
     for sae in todo:
-        streams[(sae.site, sae.layer)].append(sae)
+        streams[(sae.site, sae.layer, sae.target)].append(sae)
     batches = heldout_batches(config, store, start)
     if not batches:
         raise UserError(f"{store.url}: no whole sequence lies in the last {holdout} rows; "
@@ -63,15 +67,16 @@ def run_eval(config: Config, *, progress: bool = True) -> str:
     lm = lm_metrics(loaded, batches, {key: {sae.directory: released_reconstruction(released[sae.directory], sae.k)
                                             for sae in members} for key, members in streams.items()},
                     progress=progress)
-    for (site, layer), members in streams.items():
+    for (site, layer, target), members in streams.items():
         stored = activation_metrics(store, site, layer, start, stop,
                                     {sae.directory: released[sae.directory] for sae in members},
-                                    config.eval.dense_threshold, topk)
+                                    config.eval.dense_threshold, topk, target=target)
         for sae in members:
             record = {"site": site, "layer": layer, "width": sae.width, "sparsity": sae.sparsity,
                       "architecture": sae.architecture, **({"k": sae.k} if sae.k is not None else {}),
+                      **({"target": target, "skip": sae.skip} if sae.transcoder else {}),
                       "job": sae.job, "name": sae.name, "tokens_trained": sae.tokens, "source": sae.source,
-                      **stored[sae.directory], **lm[(site, layer)].metrics(sae.directory)}
+                      **stored[sae.directory], **lm[(site, layer, target)].metrics(sae.directory)}
             storage.write_json_atomic(storage.join(sae.directory, "metrics.json"), record)
             log.info("%s %s: L0 %.1f, FVU %.3f, delta loss %.4f, loss recovered %.3f", sae.job, sae.name,
                      record["l0"], record["fvu"], record["delta_loss"], record["loss_recovered"])

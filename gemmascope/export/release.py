@@ -5,6 +5,13 @@
     RUN/saes/index.json     every SAE, its metrics and paths; "canonical" marks, per
                             (site, layer, width), the SAE whose L0 is closest to 100
 
+Transcoders (SPEC.md 5) have folders of their own in place of <site>: `transcoders/`
+and, for skip transcoders (params.npz with W_skip as well), `skip_transcoders/`; in
+SAELens's tree they are "jumprelu_transcoder" / "jumprelu_skip_transcoder" (W_skip
+transposed, as SAELens stores it). Canonical is per (kind, layer, width), kind being the
+site or the transcoder folder. Every index entry says its "target" (the site itself for
+an SAE) and "skip".
+
 K is the L0 measured by `gemmascope eval`, so export needs it to have run. Two SAEs of
 one (site, layer, width) that round to the same K get their lambda (other architectures:
 their knob, e.g. btk32) appended to the folder. Canonical is per architecture too. TopK
@@ -29,7 +36,13 @@ from gemmascope.store import ActivationStore
 from gemmascope.typed_yaml import to_mapping
 
 CANONICAL_L0 = 100
+TRANSCODER_FOLDERS = {False: "transcoders", True: "skip_transcoders"}  # by skip
 log = logging.getLogger("gemmascope.export")
+
+
+def release_kind(sae) -> str:
+    """The top folder of an SAE's release: its site, or `transcoders` / `skip_transcoders`."""
+    return TRANSCODER_FOLDERS[sae.skip] if sae.transcoder else sae.site
 
 
 def _knob_suffix(sae) -> str:
@@ -48,6 +61,7 @@ def run_export(config: Config) -> str:
             raise UserError(f"{sae.directory}: not evaluated yet (no metrics.json); run `gemmascope eval "
                             f"{config.origin}` first")
         metrics = storage.read_json(metrics_url)
+        metrics = {**metrics, "target": sae.target, "skip": sae.skip}
         if sae.job == IMPORTED:
             imported.append({**metrics, "canonical": False, "path": f"{IMPORTED}/{sae.name}", "saelens_path": None})
             continue
@@ -55,13 +69,14 @@ def run_export(config: Config) -> str:
     if not entries and not imported:
         raise UserError(f"{run}: no finished SAEs to export; run `gemmascope sweep {config.origin}` first")
 
-    folders = [release_dir(e["sae"].site, e["sae"].layer, e["sae"].width, e["metrics"]["l0"]) for e in entries]
+    folders = [release_dir(release_kind(e["sae"]), e["sae"].layer, e["sae"].width, e["metrics"]["l0"])
+               for e in entries]
     clashes = Counter(folders)
     canonical = {}
     for entry in entries:
         if entry["sae"].k is not None:
             continue  # TopK: not in the Gemma Scope tree, so never its canonical SAE
-        key = (entry["sae"].site, entry["sae"].layer, entry["sae"].width, entry["sae"].architecture)
+        key = (release_kind(entry["sae"]), entry["sae"].layer, entry["sae"].width, entry["sae"].architecture)
         best = canonical.get(key)
         if best is None or abs(entry["metrics"]["l0"] - CANONICAL_L0) < abs(best["metrics"]["l0"] - CANONICAL_L0):
             canonical[key] = entry
@@ -70,14 +85,15 @@ def run_export(config: Config) -> str:
         sae = entry["sae"]
         if clashes[folder] > 1:
             folder = f"{folder}_{_knob_suffix(sae)}"
-        is_canonical = canonical.get((sae.site, sae.layer, sae.width, sae.architecture)) is entry
+        is_canonical = canonical.get((release_kind(sae), sae.layer, sae.width, sae.architecture)) is entry
         gemma_scope = sae.k is None
         record = {**entry["metrics"], "canonical": is_canonical, "path": f"saes/{folder}" if gemma_scope else None,
                   "saelens_path": f"saelens/{folder}"}
         saelens_dir = storage.join(run, "saelens", folder)
         if gemma_scope:
             gemma_dir = storage.join(run, "saes", folder)
-            storage.write_bytes_atomic(storage.join(gemma_dir, "params.npz"), params_npz_bytes(entry["arrays"]))
+            storage.write_bytes_atomic(storage.join(gemma_dir, "params.npz"), params_npz_bytes(
+                entry["arrays"], d_out=sae.d_out if sae.transcoder else None))
             storage.write_json_atomic(storage.join(gemma_dir, "metrics.json"), record)
             storage.write_json_atomic(storage.join(gemma_dir, "config.json"),
                                       {"job": sae.job, "sae": sae.name, "config": to_mapping(config)})
@@ -86,7 +102,8 @@ def run_export(config: Config) -> str:
                      "in %s", sae.job, sae.name, sae.k, saelens_dir)
         weights, cfg = saelens_files(entry["arrays"], site=sae.site, layer=sae.layer,
                                      model_name=config.model.source, context_size=config.harvest.context_length,
-                                     dataset=",".join(config.source.paths) or str(config.source.builtin), k=sae.k)
+                                     dataset=",".join(config.source.paths) or str(config.source.builtin), k=sae.k,
+                                     target=sae.target)
         storage.write_bytes_atomic(storage.join(saelens_dir, "sae_weights.safetensors"), weights)
         storage.write_bytes_atomic(storage.join(saelens_dir, "cfg.json"), cfg)
         index.append(record)
@@ -95,5 +112,7 @@ def run_export(config: Config) -> str:
     also = f" (+ {len(imported)} imported, indexed only)" if imported else ""
     topk = sum(record["path"] is None for record in index)
     also += f" ({topk} TopK in SAELens format only)" if topk else ""
+    transcoders = sum(entry["sae"].transcoder for entry in entries)
+    also += f" ({transcoders} transcoders under saes/transcoders, saes/skip_transcoders)" if transcoders else ""
     return f"export: {len(index)} SAEs to {run}/saes (Gemma Scope params.npz) and {run}/saelens (SAELens){also}; " \
            f"{sum(r['canonical'] for r in index)} canonical; index at {run}/saes/index.json"

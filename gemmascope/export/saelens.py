@@ -1,9 +1,15 @@
-"""SAELens's on-disk format: sae_weights.safetensors + cfg.json (architecture "jumprelu" or "topk").
+"""SAELens's on-disk format: sae_weights.safetensors + cfg.json (architecture "jumprelu" or "topk",
+"jumprelu_transcoder" or "jumprelu_skip_transcoder").
 
 Released parameters take raw activations with the pre-encoder bias folded into b_enc,
 which SAELens expresses as apply_b_dec_to_input = false and normalize_activations =
 "none"; the hook names are TransformerLens's (SPEC.md section 1), and `att` SAEs read
 hook_z, which SAELens flattens over heads (reshape_activations = "hook_z").
+
+A transcoder reads `hook_name` (mlp_in: blocks.L.ln2.hook_normalized) and writes
+`hook_name_out` (mlp: blocks.L.hook_mlp_out) with `d_out` outputs; SAELens keeps the
+hook fields in "metadata" beside hook_name. Its skip transcoder computes x @ W_skip.T,
+so W_skip is stored as [d_out, d_in], the transpose of our params.npz array.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ from gemmascope import storage
 from gemmascope.errors import UserError
 from gemmascope.export.gemma_scope import check_arrays
 from gemmascope.models.sites import SITES
-from gemmascope.train.release import RELEASE_KEYS
+from gemmascope.train.release import RELEASE_KEYS, SKIP_KEY
 
 WEIGHTS, CFG = "sae_weights.safetensors", "cfg.json"
 TOPK_KEYS = RELEASE_KEYS[:4]  # a TopK SAE has no threshold
+TRANSCODER_ARCHITECTURES = {False: "jumprelu_transcoder", True: "jumprelu_skip_transcoder"}  # by skip
 
 
 def hook_name(site: str, layer: int) -> str:
@@ -42,23 +49,41 @@ def site_of_hook(name: str, where: str) -> tuple[str, int]:
 
 
 def saelens_files(arrays: dict[str, np.ndarray], *, site: str, layer: int, model_name: str,
-                  context_size: int, dataset: str, k: int | None = None) -> tuple[bytes, bytes]:
+                  context_size: int, dataset: str, k: int | None = None,
+                  target: str | None = None) -> tuple[bytes, bytes]:
     """(sae_weights.safetensors, cfg.json) for released JumpReLU arrays, or with `k` for the four
-    arrays of a TopK SAE (SAELens "topk": the k largest pre-activations per row, then ReLU)."""
-    if k is None:
+    arrays of a TopK SAE (SAELens "topk": the k largest pre-activations per row, then ReLU);
+    with a `target` other than `site`, of a JumpReLU (skip) transcoder from `site` to `target`."""
+    transcoder = target not in (None, site)
+    metadata = {"model_name": model_name, "hook_name": hook_name(site, layer), "hook_head_index": None,
+                "prepend_bos": True, "context_size": context_size, "dataset_path": dataset}
+    extra: dict = {}
+    tensors = {}
+    if transcoder:
+        if k is not None:
+            raise UserError(f"SAELens export: a TopK transcoder ({site} -> {target}) has no SAELens format here")
+        d_in, d_sae = check_arrays(arrays, "SAELens export", d_out=arrays["W_dec"].shape[1])
+        d_out = int(arrays["W_dec"].shape[1])
+        skip = SKIP_KEY in arrays
+        names, architecture = RELEASE_KEYS, {"architecture": TRANSCODER_ARCHITECTURES[skip]}
+        extra["d_out"] = d_out
+        metadata.update(hook_name_out=hook_name(target, layer), hook_layer_out=layer, hook_head_index_out=None)
+        if skip:
+            tensors[SKIP_KEY] = np.ascontiguousarray(arrays[SKIP_KEY].T)  # SAELens: [d_out, d_in]
+    elif k is None:
         d_in, d_sae = check_arrays(arrays, "SAELens export")
         names, architecture = RELEASE_KEYS, {"architecture": "jumprelu"}
     else:
         d_in, d_sae = check_arrays({**arrays, "threshold": np.zeros_like(arrays["b_enc"])}, "SAELens export")
         names, architecture = TOPK_KEYS, {"architecture": "topk", "k": int(k)}
     cfg = {
-        **architecture, "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+        **architecture, "d_in": d_in, "d_sae": d_sae, **extra, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": False, "normalize_activations": "none",
         "reshape_activations": "hook_z" if site == "att" else "none",
-        "metadata": {"model_name": model_name, "hook_name": hook_name(site, layer), "hook_head_index": None,
-                     "prepend_bos": True, "context_size": context_size, "dataset_path": dataset},
+        "metadata": metadata,
     }
-    weights = save_safetensors({name: np.ascontiguousarray(arrays[name]) for name in names})
+    tensors.update({name: np.ascontiguousarray(arrays[name]) for name in names})
+    weights = save_safetensors(tensors)
     return weights, (json.dumps(cfg, indent=1, sort_keys=True) + "\n").encode()
 
 
@@ -81,6 +106,37 @@ def read_saelens(weights: bytes, cfg_bytes: bytes, where: str) -> tuple[dict[str
     metadata = cfg.get("metadata") or cfg
     site, layer = site_of_hook(metadata.get("hook_name", ""), where)
     return arrays, site, layer
+
+
+def read_saelens_transcoder(weights: bytes, cfg_bytes: bytes, where: str) -> tuple[dict[str, np.ndarray],
+                                                                                  str, str, int]:
+    """(released arrays, input site, target site, layer) of a SAELens JumpReLU (skip) transcoder
+    as `saelens_files` writes it: W_skip back to [d_in, d_out]."""
+    try:
+        cfg = json.loads(cfg_bytes)
+        tensors = load_safetensors(weights)
+    except (ValueError, json.JSONDecodeError) as err:
+        raise UserError(f"{where}: not a SAELens transcoder ({err})") from None
+    architecture = cfg.get("architecture")
+    if architecture not in TRANSCODER_ARCHITECTURES.values():
+        raise UserError(f"{where}: architecture {architecture!r}; expected "
+                        f"{' or '.join(TRANSCODER_ARCHITECTURES.values())}")
+    if cfg.get("normalize_activations", "none") != "none" or cfg.get("apply_b_dec_to_input", False):
+        raise UserError(f"{where}: a transcoder must take raw activations (normalize_activations none, "
+                        "apply_b_dec_to_input false)")
+    skip = architecture == TRANSCODER_ARCHITECTURES[True]
+    arrays = {name: np.asarray(tensors[name], np.float32) for name in (*RELEASE_KEYS, SKIP_KEY) if name in tensors}
+    if skip != (SKIP_KEY in arrays):
+        raise UserError(f"{where}: a {architecture} {'needs' if skip else 'has no'} {SKIP_KEY}")
+    if skip:
+        arrays[SKIP_KEY] = np.ascontiguousarray(arrays[SKIP_KEY].T)
+    metadata = {**cfg, **(cfg.get("metadata") or {})}
+    check_arrays(arrays, where, d_out=metadata.get("d_out"))
+    site, layer = site_of_hook(metadata.get("hook_name", ""), where)
+    target, layer_out = site_of_hook(metadata.get("hook_name_out", ""), where)
+    if layer_out != layer:
+        raise UserError(f"{where}: reads layer {layer} but writes layer {layer_out}; only same-layer transcoders")
+    return arrays, site, target, layer
 
 
 def load_topk(directory: str) -> tuple[dict[str, np.ndarray], int]:

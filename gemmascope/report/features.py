@@ -6,6 +6,9 @@ and sequence come from the store's token table, so a context is the rows just be
 after the top row within the same sequence. The logit effect is the decoder row carried
 into the residual stream (through o_proj for `att`), scaled by the final norm's weight
 and read out by the unembedding, a direct-path approximation that ignores later layers.
+A transcoder's latents are read from the rows of its INPUT site (mlp_in), and its decoder
+rows live in its target's space (the MLP output), which the caller's
+`residual_direction` carries into the residual stream.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ class Feature:
 
 
 def _latents(store: ActivationStore, site: str, layer: int, start: int, stop: int,
-             released: dict[str, np.ndarray]) -> np.ndarray:
-    """Latent activations [rows, d_sae] on the held-out rows."""
-    blocks = [release_encode(released, np.asarray(store.read(site, layer, b, min(b + BLOCK_ROWS, stop)), np.float32))
+             released: dict[str, np.ndarray], k: int | None = None) -> np.ndarray:
+    """Latent activations [rows, d_sae] on the held-out rows of `site` (an SAE's or a
+    transcoder's input); with `k`, of a TopK SAE."""
+    blocks = [release_encode(released, np.asarray(store.read(site, layer, b, min(b + BLOCK_ROWS, stop)), np.float32),
+                             k)
               for b in range(start, stop, BLOCK_ROWS)]
     return np.concatenate(blocks)
 
@@ -42,14 +47,14 @@ def _latents(store: ActivationStore, site: str, layer: int, start: int, stop: in
 def sample_features(store: ActivationStore, site: str, layer: int, start: int, stop: int,
                     released: dict[str, np.ndarray], *, tokens: np.ndarray, sequences: np.ndarray,
                     decode, residual_direction, unembed: np.ndarray, count: int, examples: int,
-                    seed: int = 0) -> list[Feature]:
+                    seed: int = 0, k: int | None = None) -> list[Feature]:
     """`count` live latents (seeded sample) with `examples` top contexts each.
 
     `tokens` and `sequences` give each held-out row's token id and sequence id; `decode`
     turns a token id into text; `residual_direction` maps a decoder row into the residual
-    stream, ready for the unembedding [vocab, d_model].
+    stream, ready for the unembedding [vocab, d_model]; `k`: a TopK SAE's.
     """
-    latents = _latents(store, site, layer, start, stop, released)
+    latents = _latents(store, site, layer, start, stop, released, k)
     density = (latents != 0).mean(axis=0)
     alive = np.flatnonzero(density > 0)
     chosen = np.sort(np.random.default_rng(seed).choice(alive, size=min(count, len(alive)), replace=False))

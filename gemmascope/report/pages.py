@@ -3,6 +3,12 @@
 Static files with inline SVG and CSS, no scripts and nothing fetched, so the report opens
 offline from disk or a bucket. It reads what export wrote (RUN/saes/index.json and the
 params), the held-out rows of the store, and the model (tokenizer and unembedding).
+
+A transcoder's stream reads `mlp_in->mlp L<L> <width>` (`mlp_in->mlp skip ...` for a
+skip transcoder), so each kind draws its own frontier line beside the mlp SAEs of its
+layer; its feature pages rank the held-out mlp_in rows, and its latents' logit effects
+come from their W_dec rows in the MLP output space (added to the residual stream as an
+mlp SAE's are).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from gemmascope import storage
 from gemmascope.config import Config
 from gemmascope.errors import UserError
 from gemmascope.export.gemma_scope import load_params_npz
+from gemmascope.export.saelens import load_topk
 from gemmascope.models.loading import LoadedModel, load_model
 from gemmascope.report.features import Feature, sample_features
 from gemmascope.report.svg import bar_chart, line_chart
@@ -48,10 +55,23 @@ def _architecture(entry: dict) -> str:
     return entry.get("architecture", "jumprelu")  # indexes written before there were others
 
 
+def _target(entry: dict) -> str:
+    return entry.get("target") or entry["site"]  # indexes written before transcoders: an SAE
+
+
+def _kind(entry: dict) -> str:
+    """What an SAE reads and writes: its site, or e.g. `mlp_in->mlp` (`mlp_in->mlp skip`) for a transcoder."""
+    if _target(entry) == entry["site"]:
+        return entry["site"]
+    return f"{entry['site']}->{_target(entry)}" + (" skip" if entry.get("skip") else "")
+
+
 def _slug(entry: dict) -> str:
-    """e.g. res-L6-w16k-s0.0006, res-L6-w16k-btk32: the SAE's name after its width."""
+    """e.g. res-L6-w16k-s0.0006, res-L6-w16k-btk32, mlp_in-to-mlp-L3-w16k-s0.001-skip: the
+    SAE's name after its width."""
     which = entry["name"].split("-", 1)[1] if entry["sparsity"] is not None else entry["name"]
-    return f"{entry['site']}-L{entry['layer']}-w{width_label(entry['width'])}-{which}"
+    site = entry["site"] if _target(entry) == entry["site"] else f"{entry['site']}-to-{_target(entry)}"
+    return f"{site}-L{entry['layer']}-w{width_label(entry['width'])}-{which}"
 
 
 def _which(entry: dict) -> str:
@@ -62,7 +82,11 @@ def _which(entry: dict) -> str:
 
 
 def _stream(entry: dict) -> str:
-    return f"{entry['site']} L{entry['layer']} {width_label(entry['width'])}"
+    return f"{_kind(entry)} L{entry['layer']} {width_label(entry['width'])}"
+
+
+def _order(entry: dict) -> tuple:
+    return entry["site"], _target(entry), bool(entry.get("skip")), entry["layer"], entry["width"], entry["l0"]
 
 
 def _frontier(entry: dict) -> str:
@@ -75,7 +99,7 @@ def _frontier(entry: dict) -> str:
 
 
 def index_page(index: dict) -> str:
-    saes = sorted(index["saes"], key=lambda e: (e["site"], e["layer"], e["width"], e["l0"]))
+    saes = sorted(index["saes"], key=_order)
     by_stream: dict[str, list[dict]] = defaultdict(list)
     for entry in saes:
         by_stream[_frontier(entry)].append(entry)
@@ -85,7 +109,7 @@ def index_page(index: dict) -> str:
                "loss_recovered", "dead_fraction", "dense_fraction")
     rows = []
     for entry in saes:
-        values = {**entry, "architecture": _architecture(entry)}
+        values = {**entry, "site": _kind(entry), "architecture": _architecture(entry)}
         cells = "".join(f"<td>{values[c]:.4g}</td>" if isinstance(values[c], float)
                         else "<td>imported</td>" if values[c] is None else f"<td>{escape(str(values[c]))}</td>"
                         for c in columns)
@@ -145,12 +169,25 @@ def feature_page(entry: dict, features: list[Feature]) -> str:
 
 
 def _residual_direction(loaded: LoadedModel, site: str, layer: int):
+    """Decoder row -> its direct effect on the residual stream before the unembedding. `site`
+    is what the decoder writes: an SAE's site, a transcoder's target (`mlp`: the MLP block's
+    output, added to the residual stream as it is)."""
     model = loaded.model.model
     final_scale = (1.0 + model.norm.weight.detach().float()).numpy()
     if site == "att":
         o_proj = loaded.decoder_layers[layer].self_attn.o_proj.weight.detach().float().numpy()
         return lambda row: (o_proj @ row) * final_scale
     return lambda row: row * final_scale
+
+
+def _released(run: str, store: ActivationStore, entry: dict) -> tuple[dict, int | None]:
+    """(release arrays, k) of an index entry: its params.npz (a transcoder's with the target's
+    width as output), or a TopK SAE's SAELens files (no params.npz) with its k."""
+    if entry["path"] is None:
+        return load_topk(storage.join(run, entry["saelens_path"]))
+    target = _target(entry)
+    d_out = store.d_in.get((target, entry["layer"])) if target != entry["site"] else None
+    return load_params_npz(storage.join(run, entry["path"], "params.npz"), d_out=d_out), None
 
 
 def run_report(config: Config, *, progress: bool = True) -> str:
@@ -175,14 +212,13 @@ def run_report(config: Config, *, progress: bool = True) -> str:
 
     pages = storage.join(run, "report", "features")
     for entry in tqdm(index["saes"], desc="report", unit="sae", disable=not progress):
-        params_url = storage.join(run, entry["path"], "params.npz")
-        released = load_params_npz(params_url)
+        released, k = _released(run, store, entry)
         with torch.inference_mode():
-            direction = _residual_direction(loaded, entry["site"], entry["layer"])
+            direction = _residual_direction(loaded, _target(entry), entry["layer"])
         features = sample_features(store, entry["site"], entry["layer"], start, stop, released, tokens=tokens,
                                    sequences=sequences, decode=decode, residual_direction=direction,
                                    unembed=unembed, count=config.report.features, examples=config.report.examples,
-                                   seed=config.train.seed)
+                                   seed=config.train.seed, k=k)
         storage.write_bytes_atomic(storage.join(pages, f"{_slug(entry)}.html"),
                                    feature_page(entry, features).encode())
     storage.write_bytes_atomic(storage.join(run, "report", "index.html"), index_page(index).encode())
