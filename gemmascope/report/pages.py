@@ -140,7 +140,8 @@ def _density_chart(entry: dict) -> str:
 def _context_html(context: list[tuple[str, float]], top: float) -> str:
     spans = []
     for text, value in context:
-        alpha = 0.0 if top <= 0 else min(value / top, 1.0)
+        alpha = 0.0 if top <= 0 else min(max(0.0, value / top), 1.0)  # never "-0.00"
+        value = value + 0.0  # -0.0 (a latent off on a negative pre-activation) reads 0
         spans.append(f'<span class="tok" style="background:rgba(255,140,0,{alpha:.2f})" '
                      f'title="{value:.3g}">{escape(text)}</span>')
     return f'<div class="ctx">{"".join(spans)}</div>'
