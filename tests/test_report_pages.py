@@ -51,3 +51,27 @@ def test_transcoders_are_streams_of_their_own_beside_the_mlp_saes_of_their_layer
     assert sorted(links) == ["mlp-L3-w1k-s0.001", "mlp_in-L3-w1k-s0.003", "mlp_in-to-mlp-L3-w1k-s0.001",
                              "mlp_in-to-mlp-L3-w1k-s0.001-skip", "mlp_in-to-mlp-L3-w1k-s0.01"]
     assert html.count("<td>mlp_in-&gt;mlp</td>") == 2 and html.count("<td>mlp_in-&gt;mlp skip</td>") == 1
+
+
+def test_a_topk_sae_is_read_from_its_saelens_files_with_its_k(tmp_path):
+    """TopK SAEs have no params.npz (index "path": null): the report reads their SAELens files."""
+    import numpy as np
+
+    from gemmascope.export.saelens import saelens_files
+    from gemmascope.report.pages import _released
+    from gemmascope.train.release import release_encode
+
+    rng = np.random.default_rng(0)
+    arrays = {"W_enc": rng.normal(size=(8, 16)), "W_dec": rng.normal(size=(16, 8)), "b_enc": rng.normal(size=16),
+              "b_dec": rng.normal(size=8)}
+    arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
+    weights, cfg = saelens_files(arrays, site="res", layer=6, model_name="m", context_size=8, dataset="d", k=3)
+    folder = tmp_path / "saelens" / "res" / "layer_6" / "width_16" / "average_l0_3"
+    folder.mkdir(parents=True)
+    (folder / "sae_weights.safetensors").write_bytes(weights)
+    (folder / "cfg.json").write_bytes(cfg)
+    released, k = _released(str(tmp_path), None, entry("w16-k3", 3, 3, "topk", k=3, path=None,
+                                                       saelens_path="saelens/res/layer_6/width_16/average_l0_3"))
+    assert k == 3 and sorted(released) == sorted(arrays)
+    x = rng.normal(size=(5, 8)).astype(np.float32)
+    assert (np.count_nonzero(release_encode(released, x, k), axis=1) <= 3).all()
