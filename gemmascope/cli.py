@@ -183,7 +183,7 @@ def _import(args: argparse.Namespace) -> None:
     from gemmascope.export.importers import run_import
 
     print(run_import(load_config(args.config, args.overrides), args.source, site=args.site, layer=args.layer,
-                     name=args.name))
+                     name=args.name, target=args.target))
 
 
 def _verify(args: argparse.Namespace) -> None:
@@ -247,11 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="give failed jobs a fresh set of attempts")
     config_command("eval", "L0, FVU, densities and delta LM loss of every trained SAE on held-out data", _eval)
     config_command("export", "evaluated SAEs in the Gemma Scope layout and SAELens's format", _export)
-    imports = config_command("import", "bring a released SAE (Gemma Scope or SAELens) into the run", _import)
+    imports = config_command("import", "bring a released SAE or transcoder (Gemma Scope or SAELens) into the run",
+                             _import)
     imports.add_argument("--source", required=True,
                          help="folder (local or gs://) holding params.npz, or sae_weights.safetensors + cfg.json")
     imports.add_argument("--site", default=None, help="site it reads, when its path does not say (res, mlp, att)")
     imports.add_argument("--layer", type=int, default=None, help="layer it reads, when its path does not say")
+    imports.add_argument("--target", default=None,
+                         help="a Gemma Scope transcoder's output site (mlp), when its path does not say")
     imports.add_argument("--name", default=None, help="name under RUN/imported (default: stream + content hash)")
     config_command("verify", "re-read the activation store and check every unit against its ledger checksum",
                    _verify)

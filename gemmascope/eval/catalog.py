@@ -2,9 +2,10 @@
 
 A trained SAE lives in RUN/train/<job>/saes/<name>/ (a TopK SAE, which no JumpReLU
 reproduces, as SAELens files instead of params.npz); an SAE brought in with
-`gemmascope import` (a released Gemma Scope or SAELens SAE) lives in
-RUN/imported/<name>/ with an `imported.json` saying where it came from. Both hold a
-params.npz at release scale, so every later stage treats them alike.
+`gemmascope import` (a released Gemma Scope or SAELens SAE or transcoder) lives in
+RUN/imported/<name>/ with an `imported.json` saying where it came from and what it is
+(architecture, k, target, skip, d_out). Both hold a params.npz at release scale, or a
+TopK SAE's SAELens files, so every later stage treats them alike.
 
 A transcoder (SPEC.md 5) reads `site` and predicts `target` (mlp_in -> mlp); its
 params.npz has W_dec/b_dec in the target's width and, for a skip transcoder, W_skip.
@@ -42,7 +43,7 @@ class RunSAE:
     name: str  # unique within its job
     directory: str  # holds params.npz (TopK: SAELens files) and, once evaluated, metrics.json
     source: str | None = None  # where an imported SAE came from
-    architecture: str = "jumprelu"  # what it was trained as (imported SAEs are JumpReLU)
+    architecture: str = "jumprelu"  # what it was trained as (an imported one: jumprelu, relu or topk)
     k: int | None = None  # a TopK SAE's k: not JumpReLU-shaped, so it has no params.npz
     target: str | None = None  # the site it reconstructs or predicts; None (the default) means `site`
     skip: bool = False  # a skip transcoder: its output also gets x @ W_skip
@@ -77,8 +78,12 @@ def imported_saes(config: Config) -> list[RunSAE]:
     found = []
     for record_url in sorted(storage.glob(storage.join(imported_root(config), "*", IMPORT_RECORD))):
         record = storage.read_json(record_url)
+        # Records written before imports had other kinds say only site, layer, width: a JumpReLU SAE.
         found.append(RunSAE(record["site"], record["layer"], record["width"], None, None, IMPORTED, record["name"],
-                            record_url.rsplit("/", 1)[0], record["source"]))
+                            record_url.rsplit("/", 1)[0], record["source"],
+                            architecture=record.get("architecture", "jumprelu"), k=record.get("k"),
+                            target=record.get("target"), skip=bool(record.get("skip", False)),
+                            d_out=record.get("d_out")))
     return found
 
 

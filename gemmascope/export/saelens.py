@@ -10,11 +10,16 @@ A transcoder reads `hook_name` (mlp_in: blocks.L.ln2.hook_normalized) and writes
 `hook_name_out` (mlp: blocks.L.hook_mlp_out) with `d_out` outputs; SAELens keeps the
 hook fields in "metadata" beside hook_name. Its skip transcoder computes x @ W_skip.T,
 so W_skip is stored as [d_out, d_in], the transpose of our params.npz array.
+
+Reading (`read_saelens_any`) also takes SAELens's "standard" (ReLU) SAEs, as JumpReLU
+arrays with threshold 0, and "topk" SAEs with their k; both honour apply_b_dec_to_input
+by folding b_dec into b_enc, as for "jumprelu".
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 from safetensors.numpy import load as load_safetensors
@@ -29,6 +34,8 @@ from gemmascope.train.release import RELEASE_KEYS, SKIP_KEY
 WEIGHTS, CFG = "sae_weights.safetensors", "cfg.json"
 TOPK_KEYS = RELEASE_KEYS[:4]  # a TopK SAE has no threshold
 TRANSCODER_ARCHITECTURES = {False: "jumprelu_transcoder", True: "jumprelu_skip_transcoder"}  # by skip
+# What `read_saelens_any` reads (SAELens's architecture names).
+READABLE = ("jumprelu", "standard", "topk", *TRANSCODER_ARCHITECTURES.values())
 
 
 def hook_name(site: str, layer: int) -> str:
@@ -87,36 +94,130 @@ def saelens_files(arrays: dict[str, np.ndarray], *, site: str, layer: int, model
     return weights, (json.dumps(cfg, indent=1, sort_keys=True) + "\n").encode()
 
 
-def read_saelens(weights: bytes, cfg_bytes: bytes, where: str) -> tuple[dict[str, np.ndarray], str, int]:
-    """(released arrays, site, layer) of a SAELens JumpReLU SAE."""
+def _parse(weights: bytes, cfg_bytes: bytes, where: str, what: str = "SAELens SAE") -> tuple[dict, dict]:
+    """(cfg, tensors) of SAELens files; one line naming `where` when they are not."""
     try:
         cfg = json.loads(cfg_bytes)
         tensors = load_safetensors(weights)
     except (ValueError, json.JSONDecodeError) as err:
-        raise UserError(f"{where}: not a SAELens SAE ({err})") from None
-    if cfg.get("architecture") != "jumprelu":
-        raise UserError(f"{where}: architecture {cfg.get('architecture')!r}; only jumprelu SAEs can be imported")
-    if cfg.get("normalize_activations", "none") != "none":
+        raise UserError(f"{where}: not a {what} ({err})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{where}: not a {what} (its {CFG} is not a JSON object)")
+    return cfg, tensors
+
+
+def _raw_input(cfg: dict, where: str) -> None:
+    if cfg.get("normalize_activations", "none") not in ("none", None):
         raise UserError(f"{where}: normalize_activations={cfg['normalize_activations']!r} is not supported")
-    arrays = {name: np.asarray(tensors[name], np.float32) for name in RELEASE_KEYS if name in tensors}
-    check_arrays(arrays, where)
-    if cfg.get("apply_b_dec_to_input", True):  # fold the pre-encoder bias into b_enc
+
+
+def _fold_input_bias(arrays: dict[str, np.ndarray], cfg: dict) -> None:
+    """SAELens's apply_b_dec_to_input (its default: pre = (x - b_dec) @ W_enc + b_enc) folded
+    into b_enc, so the arrays take raw x as released ones do."""
+    if cfg.get("apply_b_dec_to_input", True):
         arrays["b_enc"] = (arrays["b_enc"].astype(np.float64)
                            - arrays["b_dec"].astype(np.float64) @ arrays["W_enc"]).astype(np.float32)
+
+
+def _hook(cfg: dict, where: str) -> tuple[str, int]:
+    metadata = {**cfg, **(cfg.get("metadata") or {})}
+    return site_of_hook(metadata.get("hook_name", ""), where)
+
+
+def read_saelens(weights: bytes, cfg_bytes: bytes, where: str) -> tuple[dict[str, np.ndarray], str, int]:
+    """(released arrays, site, layer) of a SAELens JumpReLU SAE."""
+    return _read_jumprelu(*_parse(weights, cfg_bytes, where), where)
+
+
+def _read_jumprelu(cfg: dict, tensors: dict, where: str) -> tuple[dict[str, np.ndarray], str, int]:
+    if cfg.get("architecture") != "jumprelu":
+        raise UserError(f"{where}: architecture {cfg.get('architecture')!r}; only jumprelu SAEs can be imported")
+    _raw_input(cfg, where)
+    arrays = {name: np.asarray(tensors[name], np.float32) for name in RELEASE_KEYS if name in tensors}
+    check_arrays(arrays, where)
+    _fold_input_bias(arrays, cfg)
     metadata = cfg.get("metadata") or cfg
     site, layer = site_of_hook(metadata.get("hook_name", ""), where)
     return arrays, site, layer
+
+
+@dataclass(frozen=True)
+class SAELensSAE:
+    """What `read_saelens_any` found: release arrays taking raw activations (five for a
+    JumpReLU or ReLU SAE, the ReLU's threshold 0; four and `k` for TopK; a transcoder's with
+    W_skip [d_in, d_out] for the skip kind), its stream, and our name for its architecture
+    ("jumprelu", "relu", "topk"; a transcoder is "jumprelu" with a `target`)."""
+    arrays: dict[str, np.ndarray]
+    site: str
+    layer: int
+    architecture: str
+    k: int | None = None
+    target: str | None = None  # a transcoder's output site; None: an SAE
+
+
+def _linear_sae(cfg: dict, tensors: dict, where: str) -> dict[str, np.ndarray]:
+    """W_enc, W_dec, b_enc, b_dec of a SAELens SAE without thresholds, checked, taking raw x."""
+    _raw_input(cfg, where)
+    arrays = {name: np.asarray(tensors[name], np.float32) for name in TOPK_KEYS if name in tensors}
+    if sorted(arrays) != sorted(TOPK_KEYS):
+        raise UserError(f"{where}: expected arrays {', '.join(TOPK_KEYS)}, found {', '.join(sorted(tensors))}")
+    check_arrays({**arrays, "threshold": np.zeros_like(arrays["b_enc"])}, where)
+    scaling = tensors.get("scaling_factor")
+    if scaling is not None and not np.all(np.asarray(scaling) == 1):
+        raise UserError(f"{where}: a scaling_factor other than 1 (SAELens finetuning_scaling_factor) is not supported")
+    _fold_input_bias(arrays, cfg)
+    return arrays
+
+
+def _topk_k(value, d_sae: int, where: str) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= d_sae:
+        raise UserError(f"{where}: k={value!r}; a TopK SAE needs an integer k from 1 to its width {d_sae}")
+    return value
+
+
+def read_saelens_any(weights: bytes, cfg_bytes: bytes, where: str) -> SAELensSAE:
+    """The SAELens SAE or transcoder in these files, by its cfg's architecture (one of
+    `READABLE`; a cfg without one is "standard", as SAELens reads it); anything else is a
+    one-line error naming `where` and the architecture."""
+    cfg, tensors = _parse(weights, cfg_bytes, where)
+    architecture = cfg.get("architecture", "standard")
+    activation = cfg.get("activation_fn_str", cfg.get("activation_fn")) or "relu"
+    if architecture == "standard" and activation == "topk":  # older SAELens: TopK as a standard SAE
+        kwargs = cfg.get("activation_fn_kwargs") or {}
+        architecture, cfg = "topk", {**cfg, "k": kwargs.get("k")}
+    elif architecture == "standard" and activation != "relu":
+        raise UserError(f"{where}: a standard SAE with activation {activation!r}; only relu (or topk) is supported")
+    if architecture == "jumprelu":
+        arrays, site, layer = _read_jumprelu(cfg, tensors, where)
+        return SAELensSAE(arrays, site, layer, "jumprelu")
+    if architecture in TRANSCODER_ARCHITECTURES.values():
+        arrays, site, target, layer = _read_transcoder(cfg, tensors, where)
+        return SAELensSAE(arrays, site, layer, "jumprelu", target=target)
+    if architecture == "standard":
+        arrays = _linear_sae(cfg, tensors, where)
+        site, layer = _hook(cfg, where)
+        return SAELensSAE({**arrays, "threshold": np.zeros_like(arrays["b_enc"])}, site, layer, "relu")
+    if architecture == "topk":
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            raise UserError(f"{where}: a topk SAE with rescale_acts_by_decoder_norm is not supported")
+        arrays = _linear_sae(cfg, tensors, where)
+        k = _topk_k(cfg.get("k"), arrays["b_enc"].shape[0], where)
+        site, layer = _hook(cfg, where)
+        return SAELensSAE(arrays, site, layer, "topk", k=k)
+    raise UserError(f"{where}: SAELens architecture {architecture!r} cannot be imported; supported: "
+                    f"{', '.join(READABLE)}")
 
 
 def read_saelens_transcoder(weights: bytes, cfg_bytes: bytes, where: str) -> tuple[dict[str, np.ndarray],
                                                                                   str, str, int]:
     """(released arrays, input site, target site, layer) of a SAELens JumpReLU (skip) transcoder
     as `saelens_files` writes it: W_skip back to [d_in, d_out]."""
-    try:
-        cfg = json.loads(cfg_bytes)
-        tensors = load_safetensors(weights)
-    except (ValueError, json.JSONDecodeError) as err:
-        raise UserError(f"{where}: not a SAELens transcoder ({err})") from None
+    return _read_transcoder(*_parse(weights, cfg_bytes, where, "SAELens transcoder"), where)
+
+
+def _read_transcoder(cfg: dict, tensors: dict, where: str) -> tuple[dict[str, np.ndarray], str, str, int]:
     architecture = cfg.get("architecture")
     if architecture not in TRANSCODER_ARCHITECTURES.values():
         raise UserError(f"{where}: architecture {architecture!r}; expected "
