@@ -423,3 +423,166 @@ def test_importing_again_is_a_no_op_and_a_name_holds_one_sae(run, tmp_path):
             run_import(config, str(other), name=name)
     after = files_under(run_dir / "imported")
     assert {path: data for path, data in after.items() if path.split("/")[0] in names} == before
+
+
+# --- end to end: `gemmascope import` then `gemmascope eval` on a harvested tiny Gemma 2 -------
+
+E2E_OVERRIDES = [
+    "harvest.sites=[res, mlp_in, mlp]", "harvest.layers=[1]", "harvest.max_tokens=3000",
+    "saes=[{sites: [res], layers: [1], widths: [64], sparsity: [1.0e-3]}]",
+    "train.batch_size=256", "train.tokens=2048", "train.holdout_rows=1000",
+    "eval.sequences=4", "eval.batch_size=2",
+]
+HOLDOUT, E2E_D = 1000, 64
+
+
+def reference_spliced_loss(loaded, ids: np.ndarray, role: np.ndarray, predict, *, source=None, target=None):
+    """Summed next-token loss (TEXT positions predicting TEXT/EOS) and its count, with `target`'s
+    output (default: decoder layer 1's output, the `res` site) replaced at TEXT positions by
+    predict(x), x that output itself or `source`'s output in the same pass: plain torch hooks."""
+    from gemmascope.harvest.packing import ROLE_EOS, ROLE_TEXT
+
+    text = torch.as_tensor(role == ROLE_TEXT)
+    seen = {}
+
+    def keep(module, args, output):
+        seen["x"] = output
+
+    def swap(module, args, output):
+        tensor = output[0] if isinstance(output, tuple) else output
+        x = seen.pop("x") if source is not None else tensor
+        new = torch.where(text[..., None], torch.as_tensor(predict(x.double().numpy())).to(tensor.dtype), tensor)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    block = loaded.decoder_layers[LAYER]
+    handles = [(target or block).register_forward_hook(swap)]
+    if source is not None:
+        handles.append(source.register_forward_hook(keep))
+    try:
+        with torch.inference_mode():
+            logits = loaded.model(input_ids=torch.as_tensor(ids), use_cache=False).logits[:, :-1].double()
+    finally:
+        for handle in handles:
+            handle.remove()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    counted = (role[:, :-1] == ROLE_TEXT) & np.isin(role[:, 1:], (ROLE_TEXT, ROLE_EOS))
+    picked = log_probs.gather(-1, torch.as_tensor(ids[:, 1:])[..., None])[..., 0].numpy()
+    return float(-(picked * counted).sum()), int(counted.sum())
+
+
+@pytest.fixture(scope="module")
+def imported_and_evaluated(ray_address, tmp_path_factory):
+    """Harvest res, mlp_in and mlp of layer 1; import with the CLI a SAELens standard SAE and a
+    topk SAE of res, a SAELens JumpReLU skip transcoder and a Gemma Scope transcoders/ folder;
+    then `gemmascope eval`."""
+    from gemmascope.config import load_config
+    from gemmascope.harvest.driver import run_harvest
+    from tests.harvest_helpers import ROOT
+
+    tmp = tmp_path_factory.mktemp("import-e2e")
+    run_dir = tmp / "run"
+    yaml = str(ROOT / "configs" / "tiny-gemma2.yaml")
+    config = load_config(yaml, [f"run_dir={run_dir}", *E2E_OVERRIDES])
+    run_harvest(config, progress=False)
+    store = ActivationStore.open(str(run_dir))
+    assert {store.d_in[(s, LAYER)] for s in ("res", "mlp_in", "mlp")} == {E2E_D}
+    rng = np.random.default_rng(20)
+    res_scale = float(np.sqrt(np.mean(np.asarray(store.read("res", LAYER, 0, 500), np.float64) ** 2)))
+    standard = random_sae(rng, E2E_D, 128)
+    standard["W_enc"] /= res_scale
+    standard["W_dec"] *= res_scale * 0.05
+    standard["b_dec"] *= res_scale * 0.05
+    topk = {**standard, "b_enc": standard["b_enc"] + np.float32(0.5)}
+    skip_tc = random_sae(rng, E2E_D, 128, threshold=True, skip=True)
+    skip_tc["W_enc"] *= 4
+    gemma_tc = random_sae(rng, E2E_D, 128, threshold=True)
+    gemma_tc["W_enc"] *= 4
+    sources = {
+        "standard": saelens_folder(tmp / "standard", standard, {**standard_cfg("res"), "d_in": E2E_D, "d_sae": 128}),
+        "topk": saelens_folder(tmp / "topk", topk, {**standard_cfg("res", architecture="topk", k=K),
+                                                    "d_in": E2E_D, "d_sae": 128}),
+        "skip_tc": saelens_folder(tmp / "skip_tc", skip_tc, {**transcoder_cfg(True, d_out=E2E_D), "d_in": E2E_D,
+                                                             "d_sae": 128}),
+        "gemma_tc": savez_release(tmp / "release" / "transcoders" / "layer_1" / "width_128" / "average_l0_20",
+                                  gemma_tc),
+    }
+    for name, source in sources.items():
+        assert main(["import", yaml, f"run_dir={run_dir}", *E2E_OVERRIDES, "--source", str(source),
+                     "--name", name]) == 0
+    from gemmascope.eval.evaluate import run_eval
+
+    line = run_eval(config, progress=False)
+    arrays = {"standard": standard, "topk": topk, "skip_tc": skip_tc, "gemma_tc": gemma_tc}
+    return config, run_dir, arrays, line
+
+
+def e2e_metrics(run_dir: Path, name: str) -> dict:
+    return json.loads((run_dir / "imported" / name / "metrics.json").read_text())
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_imported_kinds_are_evaluated_as_what_they_are(imported_and_evaluated):
+    from gemmascope.eval.evaluate import heldout_batches
+    from gemmascope.models.loading import load_model
+
+    config, run_dir, arrays, line = imported_and_evaluated
+    assert "4 SAEs" in line
+    store = ActivationStore.open(str(run_dir))
+    start = store.n_rows - HOLDOUT
+    held = {s: np.asarray(store.read(s, LAYER, start, store.n_rows), np.float64) for s in ("res", "mlp_in", "mlp")}
+    references = {
+        "standard": lambda x: reference_standard(arrays["standard"], x, True),
+        "topk": lambda x: reference_topk(arrays["topk"], x, K, True),
+        "skip_tc": lambda x: reference_saelens_transcoder(arrays["skip_tc"], x),
+        "gemma_tc": lambda x: reference_gemma_scope_transcoder(arrays["gemma_tc"], x),
+    }
+    records = {name: e2e_metrics(run_dir, name) for name in references}
+    for name, record in records.items():
+        transcoder = name.endswith("_tc")
+        x, y = (held["mlp_in"], held["mlp"]) if transcoder else (held["res"], held["res"])
+        f, y_hat = references[name](x)
+        expected = expected_metrics(f, y_hat, y)
+        for key in ("l0", "mse", "fvu"):
+            assert record[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), (name, key)
+        assert record["eval_rows"] == HOLDOUT and record["job"] == "imported" and record["sparsity"] is None
+        assert 0 < record["l0"] < 128, name
+    assert records["standard"]["architecture"] == "relu" and "k" not in records["standard"]
+    assert records["topk"]["architecture"] == "topk" and records["topk"]["k"] == K
+    assert K - 1 < records["topk"]["l0"] <= K
+    for name, skip in (("skip_tc", True), ("gemma_tc", False)):
+        m = records[name]
+        assert (m["site"], m["target"], m["skip"], m["architecture"]) == ("mlp_in", "mlp", skip, "jumprelu")
+    for name in ("standard", "topk"):
+        assert "target" not in records[name] and records[name]["site"] == "res"
+    for key in ("clean_loss", "eval_tokens"):
+        assert len({m[key] for m in records.values()}) == 1, key
+
+    # Spliced losses against our own hooks over the same held-out sequences: the ReLU SAE in
+    # place of the layer's output, the skip transcoder in place of the MLP block's output.
+    loaded = load_model(config.model)
+    block = loaded.decoder_layers[LAYER]
+    for name, hooks in (("standard", {}), ("topk", {}),
+                        ("skip_tc", {"source": block.pre_feedforward_layernorm,
+                                     "target": block.post_feedforward_layernorm})):
+        total, tokens = 0.0, 0
+        for ids, role in heldout_batches(config, store, start):
+            flat = lambda x, name=name: references[name](x.reshape(-1, E2E_D))[1].reshape(x.shape)  # noqa: E731
+            loss, count = reference_spliced_loss(loaded, ids, role, flat, **hooks)
+            total, tokens = total + loss, tokens + count
+        assert records[name]["eval_tokens"] == tokens
+        assert records[name]["spliced_loss"] == pytest.approx(total / tokens, rel=1e-4), name
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_imported_kinds_are_indexed_by_export_with_what_they_are(imported_and_evaluated):
+    from gemmascope.export.release import run_export
+
+    config, run_dir, _, _ = imported_and_evaluated
+    assert "+ 4 imported" in run_export(config)
+    index = {e["name"]: e for e in json.loads((run_dir / "saes" / "index.json").read_text())["saes"]}
+    assert index["topk"]["k"] == K and index["standard"]["architecture"] == "relu"
+    assert (index["skip_tc"]["target"], index["skip_tc"]["skip"]) == ("mlp", True)
+    assert (index["gemma_tc"]["target"], index["gemma_tc"]["skip"]) == ("mlp", False)
+    assert all(entry["path"] == f"imported/{name}" for name, entry in index.items())
