@@ -384,6 +384,10 @@ def test_training_still_starts_only_from_jumprelu_saes(tmp_path):
     with pytest.raises(UserError, match="a topk SAE; only a JumpReLU SAE can be used here"):
         load_released(str(source))
     assert load_released(str(source), every_kind=True).k == K
+    transcoder = savez_release(tmp_path / "transcoders" / "layer_1" / "width_32" / "average_l0_4",
+                               random_sae(np.random.default_rng(12), threshold=True))
+    with pytest.raises(UserError, match=r"a transcoder \(mlp_in -> mlp\); only a JumpReLU SAE can be used here"):
+        load_released(str(transcoder))
 
 
 # --- idempotence -------------------------------------------------------------------------------

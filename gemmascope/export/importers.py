@@ -125,8 +125,9 @@ def load_released(location: str, *, target: str | None = None, every_kind: bool 
     else:
         raise UserError(f"{location}: no SAE here (expected params.npz, or {WEIGHTS} with {CFG})")
     if not every_kind and (released.architecture != "jumprelu" or released.target is not None):
-        kind = f"transcoder ({released.site} -> {released.target})" if released.target else released.architecture
-        raise UserError(f"{location}: a {kind} SAE; only a JumpReLU SAE can be used here")
+        kind = f"transcoder ({released.site} -> {released.target})" if released.target \
+            else f"{released.architecture} SAE"
+        raise UserError(f"{location}: a {kind}; only a JumpReLU SAE can be used here")
     return released
 
 
