@@ -589,4 +589,11 @@ def test_imported_kinds_are_indexed_by_export_with_what_they_are(imported_and_ev
     assert index["topk"]["k"] == K and index["standard"]["architecture"] == "relu"
     assert (index["skip_tc"]["target"], index["skip_tc"]["skip"]) == ("mlp", True)
     assert (index["gemma_tc"]["target"], index["gemma_tc"]["skip"]) == ("mlp", False)
-    assert all(entry["path"] == f"imported/{name}" for name, entry in index.items())
+    # A TopK import has no params.npz: the index points at its SAELens files, as for a trained one.
+    assert (index["topk"]["path"], index["topk"]["saelens_path"]) == (None, "imported/topk")
+    assert all(entry["path"] == f"imported/{name}" for name, entry in index.items() if name != "topk")
+    from gemmascope.report.pages import run_report
+
+    run_report(config, progress=False)
+    page = (run_dir / "report" / "index.html").read_text()
+    assert all(name in page for name in index)

@@ -63,7 +63,10 @@ def run_export(config: Config) -> str:
         metrics = storage.read_json(metrics_url)
         metrics = {**metrics, "target": sae.target, "skip": sae.skip}
         if sae.job == IMPORTED:
-            imported.append({**metrics, "canonical": False, "path": f"{IMPORTED}/{sae.name}", "saelens_path": None})
+            # An imported TopK SAE is kept as SAELens files (no params.npz), as trained ones are.
+            where = f"{IMPORTED}/{sae.name}"
+            paths = {"path": None, "saelens_path": where} if sae.k is not None else {"path": where, "saelens_path": None}
+            imported.append({**metrics, "canonical": False, **paths})
             continue
         entries.append({"sae": sae, "metrics": metrics, "arrays": sae.released()})
     if not entries and not imported:
