@@ -31,6 +31,7 @@ from gemmascope.eval.lm import released_reconstruction
 from gemmascope.export.importers import load_released, run_import
 from gemmascope.store import ActivationStore
 from gemmascope.store.synthetic import write_store
+from tests.lm_reference import hooked_loss
 
 D, WIDTH, ROWS, LAYER, K = 16, 32, 3000, 1, 5
 HOOKS = {"res": f"blocks.{LAYER}.hook_resid_post", "mlp_in": f"blocks.{LAYER}.ln2.hook_normalized",
@@ -444,7 +445,7 @@ def reference_spliced_loss(loaded, ids: np.ndarray, role: np.ndarray, predict, *
     """Summed next-token loss (TEXT positions predicting TEXT/EOS) and its count, with `target`'s
     output (default: decoder layer 1's output, the `res` site) replaced at TEXT positions by
     predict(x), x that output itself or `source`'s output in the same pass: plain torch hooks."""
-    from gemmascope.harvest.packing import ROLE_EOS, ROLE_TEXT
+    from gemmascope.harvest.packing import ROLE_TEXT
 
     text = torch.as_tensor(role == ROLE_TEXT)
     seen = {}
@@ -458,20 +459,8 @@ def reference_spliced_loss(loaded, ids: np.ndarray, role: np.ndarray, predict, *
         new = torch.where(text[..., None], torch.as_tensor(predict(x.double().numpy())).to(tensor.dtype), tensor)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
-    block = loaded.decoder_layers[LAYER]
-    handles = [(target or block).register_forward_hook(swap)]
-    if source is not None:
-        handles.append(source.register_forward_hook(keep))
-    try:
-        with torch.inference_mode():
-            logits = loaded.model(input_ids=torch.as_tensor(ids), use_cache=False).logits[:, :-1].double()
-    finally:
-        for handle in handles:
-            handle.remove()
-    log_probs = torch.log_softmax(logits, dim=-1)
-    counted = (role[:, :-1] == ROLE_TEXT) & np.isin(role[:, 1:], (ROLE_TEXT, ROLE_EOS))
-    picked = log_probs.gather(-1, torch.as_tensor(ids[:, 1:])[..., None])[..., 0].numpy()
-    return float(-(picked * counted).sum()), int(counted.sum())
+    hooks = [(target or loaded.decoder_layers[LAYER], swap)]
+    return hooked_loss(loaded, ids, role, hooks + ([(source, keep)] if source is not None else []))
 
 
 @pytest.fixture(scope="module")

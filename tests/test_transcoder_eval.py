@@ -44,6 +44,7 @@ from gemmascope.models.loading import load_model
 from gemmascope.store import ActivationStore
 from gemmascope.store.synthetic import write_store
 from gemmascope.sweep.grid import plan_jobs
+from tests.lm_reference import hooked_loss
 
 LAYER = 2
 NEVER = 1e30  # a threshold no pre-activation reaches: the latents never fire
@@ -65,18 +66,8 @@ def reference_loss(loaded, ids: np.ndarray, role: np.ndarray, layer: int, predic
     def swap(module, args, output):
         return torch.where(text[..., None], predict(seen.pop("x").double()).to(output.dtype), output)
 
-    handles = [block.pre_feedforward_layernorm.register_forward_hook(keep),
-               block.post_feedforward_layernorm.register_forward_hook(swap)]
-    try:
-        with torch.inference_mode():
-            logits = loaded.model(input_ids=torch.as_tensor(ids), use_cache=False).logits[:, :-1].double()
-    finally:
-        for handle in handles:
-            handle.remove()
-    log_probs = torch.log_softmax(logits, dim=-1)
-    counted = (role[:, :-1] == ROLE_TEXT) & np.isin(role[:, 1:], (ROLE_TEXT, ROLE_EOS))
-    picked = log_probs.gather(-1, torch.as_tensor(ids[:, 1:])[..., None])[..., 0].numpy()
-    return float(-(picked * counted).sum()), int(counted.sum())
+    return hooked_loss(loaded, ids, role, [(block.pre_feedforward_layernorm, keep),
+                                           (block.post_feedforward_layernorm, swap)])
 
 
 def transcode(arrays: dict[str, np.ndarray], x):
