@@ -116,6 +116,11 @@ def test_sae_json_and_job_record_name_the_target(trained):
     # C is the input's: E||x / C||^2 = 1 over the sample, whatever the target's scale.
     x = trained["x"][: -HELDOUT]
     assert record["scale"] == pytest.approx(np.sqrt((x.astype(np.float64) ** 2).sum(axis=1).mean()), rel=0.05)
+    # What a lambda means for a transcoder: its squared error is in units of E||y / C||^2.
+    y = trained["y"][: -HELDOUT].astype(np.float64)
+    expected = (y**2).sum(axis=1).mean() / (x.astype(np.float64) ** 2).sum(axis=1).mean()
+    normalisation = json.loads((job_dir / "normalisation.json").read_text())
+    assert normalisation["target_mean_square"] == pytest.approx(expected, rel=0.05)
     job = json.loads((job_dir / "job.json").read_text())
     assert (job["target"], job["d_out"]) == ("mlp", 32)
     assert job["saes"][1] == {"width": 128, "sparsity": LAMBDA, "skip": True}

@@ -3,6 +3,10 @@
 Estimated from a seeded random sample of blocks (whole blocks: reads stay cheap); the
 sample size and norm statistics are recorded with the job, including how far the largest
 norms are from the median, because a few massive-norm tokens can dominate C.
+
+A transcoder's target is divided by its input's C (SPEC.md 5), so its squared error is
+in units of E||y / C||^2, not 1 as an SAE's: recorded as `target_mean_square`, the factor
+by which a transcoder's lambda must exceed an SAE's for the same pull towards sparsity.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from gemmascope.store import ActivationStore
 
 
 def estimate_scale(store: ActivationStore, site: str, layer: int, *, sample_rows: int, stop_row: int,
-                   seed: int) -> dict:
+                   seed: int, target: str | None = None) -> dict:
     blocks = store.blocks(stop_row)
     order = np.random.default_rng([seed, 7]).permutation(len(blocks))
     chosen, total = [], 0
@@ -33,7 +37,7 @@ def estimate_scale(store: ActivationStore, site: str, layer: int, *, sample_rows
     if not scale > 0:
         raise UserError(f"{store.url}: {site} layer {layer}: activations are all zero; cannot normalise")
     median = float(np.median(norms))
-    return {
+    stats = {
         "scale": scale,
         "sample_rows": int(finite.sum()),
         "nonfinite_rows": int((~finite).sum()),
@@ -42,3 +46,8 @@ def estimate_scale(store: ActivationStore, site: str, layer: int, *, sample_rows
         "max_norm": float(norms.max()),
         "rows_over_10x_median_norm": int((norms > 10 * median).sum()),
     }
+    if target is not None:  # the same tokens' target rows, over the input's C
+        targets = np.concatenate(store.read_blocks(target, layer, sorted(chosen))).astype(np.float64)
+        targets = targets[finite & np.isfinite(targets).all(axis=1)]
+        stats["target_mean_square"] = float(np.mean(np.sum(targets**2, axis=1)) / scale**2)
+    return stats

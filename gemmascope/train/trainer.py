@@ -193,12 +193,15 @@ def train_job(config: Config, job_id: str, *, progress: bool = True,
         normalisation = storage.read_json(norm_url)
     else:  # deterministic, so every process computes the same C (a transcoder's from its input); one writes it
         normalisation = estimate_scale(store, *key, sample_rows=cfg.norm_sample_rows, stop_row=stop_row,
-                                       seed=cfg.seed)
+                                       seed=cfg.seed, target=job.target if transcoder else None)
         if writer:
             storage.write_json_atomic(norm_url, normalisation)
     scale = normalisation["scale"]
     log.info("%s: C=%.4g from %d rows (max norm %.3g x median)", job.id, scale, normalisation["sample_rows"],
              normalisation["max_norm"] / normalisation["median_norm"])
+    if "target_mean_square" in normalisation:
+        log.info("%s: E||%s / C||^2 = %.4g (an SAE's is 1): lambdas act that much weaker than on an SAE", job.id,
+                 job.target, normalisation["target_mean_square"])
 
     mesh = make_mesh(cfg)
     group = job_group(job, d_in, d_out)
