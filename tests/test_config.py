@@ -48,7 +48,7 @@ def test_demo_config_has_the_values_in_the_file():
     assert config.model == ModelConfig(source="gemma3-270m", dtype="auto", device="auto", revision=None)
     assert config.source == SourceConfig(paths=(), builtin="pydoc", text_field="text", pieces_per_shard=8)
     h = config.harvest
-    assert h.sites == ("res", "mlp", "att")
+    assert h.sites == ("res", "mlp", "att", "mlp_in")
     assert h.layers == (3, 6, 9)
     assert h.context_length == 256
     assert h.batch_size == 8
@@ -67,6 +67,11 @@ def test_demo_config_has_the_values_in_the_file():
                      l0_targets=("small", "medium", "big"), tokens=512000),
         SAEGridEntry(sites=("res",), layers=(6,), widths=(1024,), architecture="batchtopk", k=(20, 50, 120),
                      tokens=512000),
+        SAEGridEntry(sites=("mlp",), layers=(6,), widths=(1024,), sparsity=(3e-4, 1e-3, 3e-3), tokens=512000),
+        SAEGridEntry(sites=("mlp_in",), layers=(6,), widths=(1024,), target="mlp", sparsity=(1.5, 5.0, 15.0),
+                     tokens=512000),
+        SAEGridEntry(sites=("mlp_in",), layers=(6,), widths=(1024,), target="mlp", skip=True,
+                     sparsity=(1.5, 5.0, 15.0), tokens=512000),
     )
     assert config.train.batch_size == 1024
     assert config.sweep.cpus_per_job == 1
