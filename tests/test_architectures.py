@@ -18,7 +18,8 @@ import pytest
 
 from gemmascope.store.synthetic import sparse_dictionary_data
 from gemmascope.train import arch
-from gemmascope.train.jumprelu import init_params, loss_fn
+from gemmascope.train.arch.jumprelu_rules import tail_step
+from gemmascope.train.jumprelu import init_params, loss_fn, step
 from gemmascope.train.optim import remove_parallel_component, unit_rows
 from tests.test_jumprelu import clear_band_params, kernel, max_rel_error, np_grads, to_jax
 
@@ -95,8 +96,8 @@ def np_rule(rule, p: dict, pre: np.ndarray, offset, y: np.ndarray, dead, residua
     elif name == "TargetL0JumpReLU":
         frequency = (f != 0).mean(axis=0)
         terms["l0_penalty"] = rule.l0_coefficient * (l0 / rule.target_l0 - 1.0) ** 2
-        terms["frequency_penalty"] = rule.frequency_coefficient * np.maximum(
-            frequency - rule.frequency_threshold, 0.0).sum()
+        dense_price = 2.0 * rule.l0_coefficient * rule.frequency_coefficient / rule.target_l0
+        terms["frequency_penalty"] = dense_price * np.maximum(frequency - rule.frequency_threshold, 0.0).sum()
         terms["dense_latents"] = (frequency > rule.frequency_threshold).sum()
         loss = mse + terms["l0_penalty"] + terms["frequency_penalty"]
     elif name == "ReLUL1":
@@ -256,12 +257,22 @@ def test_jumprelu_rule_is_the_gemma_scope_loss():
 # ----------------------------------------------------------------------------------------
 
 
+def np_tail_density(pre: np.ndarray, theta: np.ndarray, eps: float) -> np.ndarray:
+    """Per latent, the batch's density estimate at theta behind `tail_step`'s pseudo-derivative
+    (times B): rows within eps/2 of theta over eps, plus n / max(s, eps) for n active rows
+    of mean excess s over theta."""
+    active = pre > theta
+    n = active.sum(axis=0)
+    s = np.where(active, pre - theta, 0.0).sum(axis=0) / np.maximum(n, 1)
+    return kernel((pre - theta) / eps).sum(axis=0) / eps + n / np.maximum(s, eps)
+
+
 @pytest.mark.parametrize("target", [4.0, 40.0], ids=["l0_above_target", "l0_below_target"])
 def test_target_l0_gradients_match_hand_derived(target):
     """Reconstruction gradient as SPEC 2; the penalties reach only the thresholds, through
-    dH/dtheta = -(1/eps) K((pre - theta)/eps), summed over the batch and divided by B:
+    `tail_step`'s density estimate p_i (rectangle kernel plus exponential tail), divided by B:
 
-        dP/dtheta_i = [2 c (L0/T - 1)/T + c_f 1(freq_i > f_max)] * dfreq_i/dtheta_i
+        dP/dtheta_i = -[2 c (L0/T - 1)/T + (2 c c_f / T) 1(freq_i > f_max)] * p_i / B
     """
     eps = 0.02
     p, x = clear_band_params(0, D_IN, D_SAE, BATCH, eps)
@@ -273,8 +284,8 @@ def test_target_l0_gradients_match_hand_derived(target):
     rule = arch.TargetL0JumpReLU(target_l0=target, l0_coefficient=0.7, frequency_threshold=f_max,
                                  frequency_coefficient=2.0, bandwidth=eps)
     assert (l0 > target) == (target == 4.0)
-    d_frequency = -(1.0 / eps) * kernel((pre - theta) / eps).mean(axis=0)
-    weight = 2 * 0.7 * (l0 / target - 1.0) / target + 2.0 * (frequency > f_max)
+    d_frequency = -np_tail_density(pre, theta, eps) / BATCH
+    weight = 2 * 0.7 * (l0 / target - 1.0) / target + (2 * 0.7 * 2.0 / target) * (frequency > f_max)
     expected = np_grads(p, x, 0.0, eps, terms="jump")
     expected["log_threshold"] = expected["log_threshold"] + weight * d_frequency * theta
     penalty_part = weight * d_frequency * theta
@@ -289,6 +300,23 @@ def test_target_l0_gradients_match_hand_derived(target):
     sign = np.sign(np.asarray(grads.log_threshold) - np_grads(p, x, 0.0, eps, terms="jump")["log_threshold"])
     assert only_l0.sum() >= 3
     assert np.all(sign[only_l0] == (-1.0 if l0 > target else 1.0))
+
+
+def test_tail_step_reaches_latents_far_above_their_threshold():
+    """A latent whose rows all sit far above theta gets no gradient from the rectangle
+    kernel (SPEC 2's `step`) but one from `tail_step`: n / s for n rows of mean excess s;
+    a latent that never fires and has no row in the band gets none from either."""
+    theta = jnp.full((3,), 0.01)
+    pre = jnp.array([[0.05, 0.0103, -1.0], [0.09, -0.5, -1.0], [0.07, 0.2, -1.0], [0.05, 0.0097, -1.0]])
+    step_grad = jax.grad(lambda t: jnp.sum(step(pre, t, 0.001)))(theta)
+    tail_grad = jax.grad(lambda t: jnp.sum(tail_step(pre, t, 0.001)))(theta)
+    assert float(step_grad[0]) == 0.0
+    np.testing.assert_allclose(tail_grad[0], -4 / 0.055, rtol=1e-5)  # 4 rows, excesses 0.04 .. 0.08
+    # Latent 1: rows 0.0103 and 0.0097 are in the band (the kernel's 2 / eps), and two rows
+    # are active with mean excess (0.0003 + 0.19) / 2.
+    np.testing.assert_allclose(step_grad[1], -2 / 0.001, rtol=1e-4)
+    np.testing.assert_allclose(tail_grad[1], -2 / 0.001 - 2 / ((0.0003 + 0.19) / 2), rtol=1e-4)
+    assert float(tail_grad[2]) == 0.0 and float(step_grad[2]) == 0.0
 
 
 def test_relu_l1_gradients_match_hand_derived():

@@ -43,9 +43,10 @@ def rule(architecture: str, knob: float, width: int, config: TrainConfig, warmup
     if architecture == JUMPRELU:
         return arch.JumpReLU(sparsity=knob * warmup, bandwidth=config.bandwidth)
     if architecture == "jumprelu_target_l0":
+        # The frequency penalty is priced in units of the L0 term, so it warms up with it.
         return arch.TargetL0JumpReLU(target_l0=knob, l0_coefficient=config.target_l0_coefficient * warmup,
                                      frequency_threshold=config.frequency_threshold,
-                                     frequency_coefficient=config.frequency_coefficient * warmup,
+                                     frequency_coefficient=config.frequency_coefficient,
                                      bandwidth=config.bandwidth)
     if architecture == "relu_l1":
         return arch.ReLUL1(l1_coefficient=knob * warmup)
