@@ -38,6 +38,7 @@ from gemmascope.export.saelens import (
     WEIGHTS,
     load_topk,
     read_saelens_any,
+    run_metadata,
     saelens_files,
 )
 from gemmascope.models.sites import SITES
@@ -213,10 +214,8 @@ def run_import(config: Config, source: str, *, site: str | None = None, layer: i
         digest = hashlib.sha256(data).hexdigest()[:8]
     else:
         data = None
-        files = dict(zip((WEIGHTS, CFG), saelens_files(
-            released.arrays, site=site, layer=layer, model_name=config.model.source,
-            context_size=config.harvest.context_length,
-            dataset=",".join(config.source.paths) or str(config.source.builtin), k=released.k), strict=True))
+        files = dict(zip((WEIGHTS, CFG), saelens_files(released.arrays, site=site, layer=layer, k=released.k,
+                                                       **run_metadata(config)), strict=True))
         digest = hashlib.sha256(files[WEIGHTS] + f"k={released.k}".encode()).hexdigest()[:8]
     stream_name = site if not transcoder else f"{site}-to-{target}"
     knob = f"-k{released.k}" if released.k is not None else "-skip" if released.skip else ""

@@ -31,7 +31,7 @@ from gemmascope.config import Config
 from gemmascope.errors import UserError
 from gemmascope.eval.catalog import IMPORTED, run_saes
 from gemmascope.export.gemma_scope import params_npz_bytes, release_dir
-from gemmascope.export.saelens import saelens_files
+from gemmascope.export.saelens import run_metadata, saelens_files
 from gemmascope.store import ActivationStore
 from gemmascope.typed_yaml import to_mapping
 
@@ -103,10 +103,8 @@ def run_export(config: Config) -> str:
         else:
             log.info("export: %s %s is TopK (k=%d), which no JumpReLU threshold reproduces: SAELens format only, "
                      "in %s", sae.job, sae.name, sae.k, saelens_dir)
-        weights, cfg = saelens_files(entry["arrays"], site=sae.site, layer=sae.layer,
-                                     model_name=config.model.source, context_size=config.harvest.context_length,
-                                     dataset=",".join(config.source.paths) or str(config.source.builtin), k=sae.k,
-                                     target=sae.target)
+        weights, cfg = saelens_files(entry["arrays"], site=sae.site, layer=sae.layer, k=sae.k, target=sae.target,
+                                     **run_metadata(config))
         storage.write_bytes_atomic(storage.join(saelens_dir, "sae_weights.safetensors"), weights)
         storage.write_bytes_atomic(storage.join(saelens_dir, "cfg.json"), cfg)
         index.append(record)

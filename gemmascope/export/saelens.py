@@ -55,6 +55,13 @@ def site_of_hook(name: str, where: str) -> tuple[str, int]:
     raise UserError(f"{where}: hook {name!r} is not one of this project's sites")
 
 
+def run_metadata(config) -> dict:
+    """What a run's config says in every SAELens cfg it writes: the model, the context
+    length and the dataset (keyword arguments of `saelens_files`)."""
+    return {"model_name": config.model.source, "context_size": config.harvest.context_length,
+            "dataset": ",".join(config.source.paths) or str(config.source.builtin)}
+
+
 def saelens_files(arrays: dict[str, np.ndarray], *, site: str, layer: int, model_name: str,
                   context_size: int, dataset: str, k: int | None = None,
                   target: str | None = None) -> tuple[bytes, bytes]:

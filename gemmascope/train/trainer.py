@@ -25,7 +25,7 @@ from gemmascope import storage
 from gemmascope.config import Config, TrainConfig
 from gemmascope.errors import UserError
 from gemmascope.export.gemma_scope import params_npz_bytes
-from gemmascope.export.saelens import CFG, WEIGHTS, saelens_files
+from gemmascope.export.saelens import CFG, WEIGHTS, run_metadata, saelens_files
 from gemmascope.faults import crash_point
 from gemmascope.store import ActivationStore
 from gemmascope.sweep.grid import Job, find_job, plan_jobs
@@ -321,10 +321,8 @@ def _write_sae(config: Config, directory: str, job: Job, group: Group, index: in
         released = to_release(jumprelu, scale, transcoder=group.transcoder)
         storage.write_bytes_atomic(storage.join(sae_dir, "params.npz"), params_npz_bytes(released, d_out=group.d_out))
     else:
-        weights, cfg = saelens_files(to_release(params, scale), site=job.site, layer=job.layer,
-                                     model_name=config.model.source, context_size=config.harvest.context_length,
-                                     dataset=",".join(config.source.paths) or str(config.source.builtin),
-                                     k=int(knob))
+        weights, cfg = saelens_files(to_release(params, scale), site=job.site, layer=job.layer, k=int(knob),
+                                     **run_metadata(config))
         storage.write_bytes_atomic(storage.join(sae_dir, WEIGHTS), weights)
         storage.write_bytes_atomic(storage.join(sae_dir, CFG), cfg)
     record = {"site": job.site, "layer": job.layer, "width": width, "sparsity": knob, "d_in": group.d_in,
