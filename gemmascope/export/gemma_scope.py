@@ -23,6 +23,7 @@ from gemmascope.sweep.grid import width_label
 from gemmascope.train.release import RELEASE_KEYS, SKIP_KEY
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)
+TRANSCODER_WIDTH = "from W_dec"  # as `d_out`: a transcoder of whatever output width its W_dec has
 
 
 def width_folder(width: int) -> str:
@@ -40,9 +41,10 @@ def release_names(arrays: dict[str, np.ndarray]) -> tuple[str, ...]:
     return RELEASE_KEYS + ((SKIP_KEY,) if SKIP_KEY in arrays else ())
 
 
-def check_arrays(arrays: dict[str, np.ndarray], where: str, *, d_out: int | None = None) -> tuple[int, int]:
+def check_arrays(arrays: dict[str, np.ndarray], where: str, *, d_out: int | str | None = None) -> tuple[int, int]:
     """(d_in, d_sae) of a valid set of release arrays; one-line errors otherwise. The output
-    width is d_in (an SAE) unless `d_out` says otherwise (a transcoder) or W_skip is there."""
+    width is d_in (an SAE) unless `d_out` says otherwise (a transcoder: its width, or
+    TRANSCODER_WIDTH when the file is the only record of it) or W_skip is there."""
     names = sorted(arrays)
     if names != sorted(release_names(arrays)):
         raise UserError(f"{where}: expected arrays {', '.join(RELEASE_KEYS)} (and {SKIP_KEY} for a skip "
@@ -54,8 +56,10 @@ def check_arrays(arrays: dict[str, np.ndarray], where: str, *, d_out: int | None
         if arrays[name].ndim != 2:
             raise UserError(f"{where}: {name} has shape {arrays[name].shape}, expected 2 dimensions")
     d_in, d_sae = arrays["W_enc"].shape
-    if d_out is None:
-        d_out = arrays["W_dec"].shape[1] if SKIP_KEY in arrays else d_in
+    if d_out == TRANSCODER_WIDTH or (d_out is None and SKIP_KEY in arrays):
+        d_out = arrays["W_dec"].shape[1]
+    elif d_out is None:
+        d_out = d_in
     expected = {"W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,), "threshold": (d_sae,),
                 SKIP_KEY: (d_in, d_out)}
     for name, shape in ((name, shape) for name, shape in expected.items() if name in arrays):
@@ -64,7 +68,7 @@ def check_arrays(arrays: dict[str, np.ndarray], where: str, *, d_out: int | None
     return d_in, d_sae
 
 
-def params_npz_bytes(arrays: dict[str, np.ndarray], *, d_out: int | None = None) -> bytes:
+def params_npz_bytes(arrays: dict[str, np.ndarray], *, d_out: int | str | None = None) -> bytes:
     """A params.npz, byte for byte the same for the same arrays (`d_out`: a transcoder's)."""
     check_arrays(arrays, "params.npz", d_out=d_out)
     buffer = io.BytesIO()
@@ -78,7 +82,7 @@ def params_npz_bytes(arrays: dict[str, np.ndarray], *, d_out: int | None = None)
     return buffer.getvalue()
 
 
-def read_params_npz(data: bytes, where: str, *, d_out: int | None = None) -> dict[str, np.ndarray]:
+def read_params_npz(data: bytes, where: str, *, d_out: int | str | None = None) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}

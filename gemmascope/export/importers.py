@@ -20,9 +20,7 @@ What can be imported (`gemmascope import`), and how the run keeps it in RUN/impo
 from __future__ import annotations
 
 import hashlib
-import io
 import re
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +28,7 @@ import numpy as np
 from gemmascope import storage
 from gemmascope.config import TRANSCODER_PAIRS, Config
 from gemmascope.errors import UserError
-from gemmascope.export.gemma_scope import params_npz_bytes, read_params_npz
+from gemmascope.export.gemma_scope import TRANSCODER_WIDTH, params_npz_bytes, read_params_npz
 from gemmascope.export.saelens import (
     CFG,
     READABLE,
@@ -72,19 +70,6 @@ class ImportedSAE:
         return SKIP_KEY in self.arrays
 
 
-def _output_width(data: bytes) -> int | None:
-    """W_dec's second dimension from the .npy header in a params.npz, without reading it."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive, archive.open("W_dec.npy") as member:
-            version = np.lib.format.read_magic(member)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
-                else np.lib.format.read_array_header_2_0
-            shape = read_header(member)[0]
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile):
-        return None  # reading it properly gives the one-line error
-    return int(shape[1]) if len(shape) == 2 else None
-
-
 def _gemma_scope(location: str, target: str | None) -> ImportedSAE:
     url = storage.join(location, "params.npz")
     data = storage.read_bytes(url)
@@ -98,7 +83,7 @@ def _gemma_scope(location: str, target: str | None) -> ImportedSAE:
     layer_match = _RELEASE_LAYER.search(location)
     if layer_match:
         layer = int(layer_match.group(1))
-    arrays = read_params_npz(data, url, d_out=_output_width(data) if target is not None else None)
+    arrays = read_params_npz(data, url, d_out=TRANSCODER_WIDTH if target is not None else None)
     if SKIP_KEY in arrays and target is None:  # only a skip transcoder has W_skip
         site, target = site or RELEASE_TRANSCODER[0], RELEASE_TRANSCODER[1]
     if folder_skip is not None and folder_skip != (SKIP_KEY in arrays):

@@ -27,7 +27,7 @@ from safetensors.numpy import save as save_safetensors
 
 from gemmascope import storage
 from gemmascope.errors import UserError
-from gemmascope.export.gemma_scope import check_arrays
+from gemmascope.export.gemma_scope import TRANSCODER_WIDTH, check_arrays
 from gemmascope.models.sites import SITES
 from gemmascope.train.release import RELEASE_KEYS, SKIP_KEY
 
@@ -76,7 +76,7 @@ def saelens_files(arrays: dict[str, np.ndarray], *, site: str, layer: int, model
     if transcoder:
         if k is not None:
             raise UserError(f"SAELens export: a TopK transcoder ({site} -> {target}) has no SAELens format here")
-        d_in, d_sae = check_arrays(arrays, "SAELens export", d_out=arrays["W_dec"].shape[1])
+        d_in, d_sae = check_arrays(arrays, "SAELens export", d_out=TRANSCODER_WIDTH)
         d_out = int(arrays["W_dec"].shape[1])
         skip = SKIP_KEY in arrays
         names, architecture = RELEASE_KEYS, {"architecture": TRANSCODER_ARCHITECTURES[skip]}
