@@ -68,10 +68,10 @@ def test_demo_config_has_the_values_in_the_file():
         SAEGridEntry(sites=("res",), layers=(6,), widths=(1024,), architecture="batchtopk", k=(20, 50, 120),
                      tokens=512000),
         SAEGridEntry(sites=("mlp",), layers=(6,), widths=(1024,), sparsity=(3e-4, 1e-3, 3e-3), tokens=512000),
-        SAEGridEntry(sites=("mlp_in",), layers=(6,), widths=(1024,), target="mlp", sparsity=(1.5, 5.0, 15.0),
+        SAEGridEntry(sites=("mlp_in",), layers=(6,), widths=(1024,), target="mlp", sparsity=(3e-4, 1e-3, 3e-3),
                      tokens=512000),
         SAEGridEntry(sites=("mlp_in",), layers=(6,), widths=(1024,), target="mlp", skip=True,
-                     sparsity=(1.5, 5.0, 15.0), tokens=512000),
+                     sparsity=(3e-4, 1e-3, 3e-3), tokens=512000),
     )
     assert config.train.batch_size == 1024
     assert config.sweep.cpus_per_job == 1

@@ -25,6 +25,7 @@ from gemmascope.errors import UserError
 from gemmascope.faults import CRASH_AT, CRASH_MARK
 from gemmascope.store.synthetic import write_store
 from gemmascope.train import arch
+from gemmascope.train.group import Group, init_state, make_train_step
 from gemmascope.train.release import to_release
 from gemmascope.train.trainer import train_job
 from tests.train_helpers import committed_steps, load_params, write_yaml
@@ -154,6 +155,51 @@ def test_release_of_a_transcoder_equals_training_scale_times_c():
     latents, y_hat = released_forward(released, x)
     np.testing.assert_allclose(y_hat, expected, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(latents, scale * f, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture,knob", [("jumprelu", 2e-3), ("jumprelu_target_l0", 6.0), ("relu_l1", 1e-3)])
+def test_transcoder_penalties_are_in_units_of_the_target_mean_square(architecture, knob):
+    """A transcoder's sparsity penalty is multiplied by E||y / C||^2 (`target_mean_square`): the
+    step's loss equals the numpy loss with the penalty so scaled, and a run with the factor
+    equals a run whose knob (or target-L0 coefficient) is multiplied by it instead."""
+    rng = np.random.default_rng(5)
+    d_in, d_out, width, batch, factor = 6, 5, 24, 64, 37.0
+    config = TrainConfig(tokens=10 * batch, batch_size=batch, sparsity_warmup_steps=1, threshold_init=0.05)
+    group = Group.of(d_in, [(width, knob)], [architecture], d_out=d_out, skips=[True])
+    state = init_state(group, config, jax.random.key(0))._replace(step=jnp.int32(1))  # past the warm-up
+    rows = jnp.asarray(np.concatenate([rng.normal(size=(batch, d_in)), rng.normal(size=(batch, d_out)) * 3], 1),
+                       jnp.float32)
+    _, metrics = jax.jit(make_train_step(group, config, 1.0, target_mean_square=factor))(state, rows)
+
+    p = jax.tree.map(lambda a: None if a is None else np.asarray(a, np.float64), state.params[0])
+    x, y = np.asarray(rows[:, :d_in], np.float64), np.asarray(rows[:, d_in:], np.float64)
+    pre = x @ p.W_enc + p.b_enc
+    threshold = np.exp(p.log_threshold) if p.log_threshold is not None else np.zeros(width)
+    active = pre > threshold
+    f = np.where(active, pre, 0.0) if architecture != "relu_l1" else np.maximum(pre, 0.0)
+    mse = np.mean(np.sum((y - f @ p.W_dec - p.b_dec - x @ p.W_skip) ** 2, axis=1))
+    l0 = active.sum(axis=1).mean()
+    if architecture == "jumprelu":
+        penalty = knob * l0
+    elif architecture == "relu_l1":
+        penalty = knob * np.sum(f * np.linalg.norm(p.W_dec, axis=1), axis=1).mean()
+    else:
+        frequency = active.mean(axis=0)
+        dense = 2 * config.target_l0_coefficient * config.frequency_coefficient / knob
+        penalty = config.target_l0_coefficient * (l0 / knob - 1) ** 2 + \
+            dense * np.maximum(frequency - config.frequency_threshold, 0).sum()
+    assert float(metrics["loss"][0]) == pytest.approx(mse + factor * penalty, rel=1e-4)
+
+    if architecture == "jumprelu_target_l0":
+        moved = replace(config, target_l0_coefficient=config.target_l0_coefficient * factor)
+        plain = make_train_step(group, moved, 1.0)
+    else:
+        plain = make_train_step(Group.of(d_in, [(width, knob * factor)], [architecture], d_out=d_out, skips=[True]),
+                                config, 1.0)
+    scaled, _ = jax.jit(make_train_step(group, config, 1.0, target_mean_square=factor))(state, rows)
+    expected, _ = jax.jit(plain)(state, rows)
+    for got, want in zip(jax.tree.leaves(scaled.params), jax.tree.leaves(expected.params), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
 
 
 def test_killed_transcoder_job_resumes_bit_identical(trained, tmp_path):

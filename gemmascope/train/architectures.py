@@ -35,21 +35,21 @@ def init_member(key: jax.Array, d_in: int, width: int, architecture: str, config
     return arch.init_sae(key, d_in, width)
 
 
-def rule(architecture: str, knob: float, width: int, config: TrainConfig, warmup: jax.Array) -> arch.Rule:
-    """The `arch` rule of a non-JumpReLU SAE at this step. `warmup` (train.sparsity_warmup_steps,
-    in [0, 1]) scales every sparsity penalty as it scales JumpReLU's lambda; TopK-style rules
-    have no penalty to warm up. JumpReLU comes here only as a transcoder (an SAE takes the
-    hand-written fused step)."""
+def rule(architecture: str, knob: float, width: int, config: TrainConfig, penalty: jax.Array) -> arch.Rule:
+    """The `arch` rule of a non-JumpReLU SAE at this step. `penalty` (the warm-up factor of
+    train.sparsity_warmup_steps, times a transcoder's target_mean_square, `group.make_train_step`)
+    scales every sparsity penalty as it scales JumpReLU's lambda; TopK-style rules have no
+    penalty. JumpReLU comes here only as a transcoder (an SAE takes the hand-written fused step)."""
     if architecture == JUMPRELU:
-        return arch.JumpReLU(sparsity=knob * warmup, bandwidth=config.bandwidth)
+        return arch.JumpReLU(sparsity=knob * penalty, bandwidth=config.bandwidth)
     if architecture == "jumprelu_target_l0":
-        # The frequency penalty is priced in units of the L0 term, so it warms up with it.
-        return arch.TargetL0JumpReLU(target_l0=knob, l0_coefficient=config.target_l0_coefficient * warmup,
+        # The frequency penalty is priced in units of the L0 term, so it scales with it.
+        return arch.TargetL0JumpReLU(target_l0=knob, l0_coefficient=config.target_l0_coefficient * penalty,
                                      frequency_threshold=config.frequency_threshold,
                                      frequency_coefficient=config.frequency_coefficient,
                                      bandwidth=config.bandwidth)
     if architecture == "relu_l1":
-        return arch.ReLUL1(l1_coefficient=knob * warmup)
+        return arch.ReLUL1(l1_coefficient=knob * penalty)
     aux = {"aux_k": config.aux_k, "aux_coefficient": config.aux_coefficient}
     if architecture == "topk":
         return arch.TopK(k=int(knob), **aux)

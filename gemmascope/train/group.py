@@ -150,8 +150,9 @@ def dead_steps(config: TrainConfig) -> int:
 
 
 def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False):
-    """(params, since_fired, x normalised, target normalised, warm-up factor) -> one
-    `MemberStep` per SAE (the target is x itself for SAEs).
+    """(params, since_fired, x normalised, target normalised, penalty factor) -> one
+    `MemberStep` per SAE (the target is x itself for SAEs). The penalty factor scales every
+    sparsity penalty: the warm-up factor, times a transcoder's `target_mean_square`.
 
     The SAEs are unrolled, not vmapped: each keeps plain 2-D matmuls, which XLA runs at
     full speed on every backend. JumpReLU SAEs take their hand-written backward pass
@@ -190,9 +191,16 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
     return steps
 
 
-def make_train_step(group: Group, config: TrainConfig, scale: float, *, use_sparse: bool = False):
+def make_train_step(group: Group, config: TrainConfig, scale: float, *, use_sparse: bool = False,
+                    target_mean_square: float = 1.0):
     """(state, raw batch [B, d_in], for transcoders [B, d_in + d_out]) -> (new state, metrics);
     pure, for `jax.jit`.
+
+    A transcoder's target is divided by its input's C (SPEC.md 5), so its squared error
+    is in units of `target_mean_square` = E||y / C||^2 (`normalise.estimate_scale`), not
+    1 as an SAE's. Every sparsity penalty of a transcoder group is multiplied by it, so a
+    lambda, a target-L0 coefficient or an L1 coefficient prices a latent against the
+    same fraction of the target's energy as for an SAE, and one grid serves both.
 
     Per-SAE metrics are stacked in group order; `terms` holds each SAE's architecture
     terms (AuxK, penalties, and "threshold", the BatchTopK rules' exported threshold at
@@ -209,7 +217,7 @@ def make_train_step(group: Group, config: TrainConfig, scale: float, *, use_spar
         rows = x_raw.astype(jnp.float32) * inverse_scale
         x, y = (rows[:, :group.d_in], rows[:, group.d_in:]) if group.transcoder else (rows, rows)
         lam = factor(state.step)
-        results = steps(state.params, state.since_fired, x, y, lam)
+        results = steps(state.params, state.since_fired, x, y, lam * target_mean_square)
         params, opt_state = apply_gradients(optimizer, state.params, state.opt_state,
                                             tuple(r.grads for r in results))
         since_fired = tuple(jnp.where(r.fired, 0, count + 1)

@@ -6,7 +6,8 @@ norms are from the median, because a few massive-norm tokens can dominate C.
 
 A transcoder's target is divided by its input's C (SPEC.md 5), so its squared error is
 in units of E||y / C||^2, not 1 as an SAE's: recorded as `target_mean_square`, the factor
-by which a transcoder's lambda must exceed an SAE's for the same pull towards sparsity.
+by which the trainer multiplies a transcoder's sparsity penalties (`group.make_train_step`)
+so that a lambda means the same for an SAE and a transcoder.
 """
 
 from __future__ import annotations

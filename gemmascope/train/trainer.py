@@ -199,9 +199,14 @@ def train_job(config: Config, job_id: str, *, progress: bool = True,
     scale = normalisation["scale"]
     log.info("%s: C=%.4g from %d rows (max norm %.3g x median)", job.id, scale, normalisation["sample_rows"],
              normalisation["max_norm"] / normalisation["median_norm"])
-    if "target_mean_square" in normalisation:
-        log.info("%s: E||%s / C||^2 = %.4g (an SAE's is 1): lambdas act that much weaker than on an SAE", job.id,
-                 job.target, normalisation["target_mean_square"])
+    target_mean_square = 1.0
+    if transcoder:
+        if "target_mean_square" not in normalisation:
+            raise UserError(f"{norm_url}: no target_mean_square for the transcoder's {job.target} rows; "
+                            "delete the file to estimate it again")
+        target_mean_square = normalisation["target_mean_square"]
+        log.info("%s: E||%s / C||^2 = %.4g (an SAE's is 1): the sparsity penalties are multiplied by it",
+                 job.id, job.target, target_mean_square)
 
     mesh = make_mesh(cfg)
     group = job_group(job, d_in, d_out)
@@ -217,8 +222,10 @@ def train_job(config: Config, job_id: str, *, progress: bool = True,
     start = int(state.step)
 
     placement = batch_sharding(mesh)
-    step_fn = jax.jit(make_train_step(group, cfg, scale, use_sparse=sparse_available(mesh, cfg)), in_shardings=(shardings, placement),
-                      out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+    step = make_train_step(group, cfg, scale, use_sparse=sparse_available(mesh, cfg),
+                           target_mean_square=target_mean_square)
+    step_fn = jax.jit(step, in_shardings=(shardings, placement), out_shardings=(shardings, replicated(mesh)),
+                      donate_argnums=0)
     loader = ActivationLoader(store, *key, batch_size=cfg.batch_size, shuffle_rows=cfg.shuffle_rows,
                               seed=cfg.seed, stop_row=stop_row, nonfinite=cfg.nonfinite,
                               prefetch=cfg.prefetch_batches, start=loader_state,
