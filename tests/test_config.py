@@ -72,6 +72,8 @@ def test_demo_config_has_the_values_in_the_file():
                      tokens=512000),
         SAEGridEntry(sites=("mlp_in",), layers=(6,), widths=(1024,), target="mlp", skip=True,
                      sparsity=(3e-4, 1e-3, 3e-3), tokens=512000),
+        SAEGridEntry(sites=("mlp_in",), layers=(6,), widths=(1024,), target="mlp",
+                     architecture="jumprelu_target_l0", l0_targets=("small", "medium", "big"), tokens=512000),
     )
     assert config.train.batch_size == 1024
     assert config.sweep.cpus_per_job == 1
