@@ -20,7 +20,14 @@ REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse reporting a bad command line in one line (usage stays behind --help)."""
+    """argparse reporting a bad command line in one line (usage stays behind --help).
+
+    Long options must be spelled out: argparse's default takes any unambiguous prefix,
+    so a mistyped `--c` in a cron line would silently mean `--coordinator`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
         fail(f"{message} (see `{self.prog} --help`)")
