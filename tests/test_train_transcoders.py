@@ -226,3 +226,18 @@ def test_missing_target_array_is_named(tmp_path):
     write_store(str(tmp_path), {("mlp_in", 0): x})
     with pytest.raises(UserError, match="no activations for site 'mlp' layer 0"):
         train_job(transcoder_config(tmp_path), JOB, progress=False)
+
+
+def test_a_transcoder_normalisation_without_target_mean_square_is_named(tmp_path):
+    """normalisation.json of a transcoder job must say what its penalties are multiplied by;
+    one without it (written by hand, or by an SAE job of the same id) is refused by name."""
+    x, y, _, _ = transcoder_data(n_rows=8192)
+    write_store(str(tmp_path), {("mlp_in", 0): x, ("mlp", 0): y})
+    config = transcoder_config(tmp_path, steps=4, holdout_rows=1024)
+    norm = tmp_path / "train" / JOB / "normalisation.json"
+    norm.parent.mkdir(parents=True)
+    norm.write_text(json.dumps({"scale": 1.0, "sample_rows": 10, "max_norm": 2.0, "median_norm": 1.0}))
+    with pytest.raises(UserError, match=r"normalisation\.json: no target_mean_square .*delete the file"):
+        train_job(config, JOB, progress=False)
+    assert json.loads(norm.read_text())["scale"] == 1.0  # left as it was
+
