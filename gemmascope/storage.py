@@ -240,14 +240,23 @@ def makedirs(url: str) -> None:
     # GCS has no directories.
 
 
+# A staging file untouched this long belongs to a writer that died before its rename: a
+# live writer touches it with every write, and fsync + rename follow its last write at once.
+STALE_STAGING_S = 600.0
+
+
 def _remove_stale_staging(path: str) -> None:
-    """Temp files of earlier writers of `path` that were killed before their rename. Each
-    file has one writer at a time (the ledgers' single writers, records under a lock), so
-    once this publish has landed no other staging file of `path` is still being written."""
+    """Temp files of earlier writers of `path` that were killed before their rename.
+
+    Only old ones: some files have concurrent writers of the same content (two sweep
+    launchers started together both publish sweep/plan.json), and removing another
+    writer's fresh staging file would make its rename fail."""
     pattern = os.path.join(os.path.dirname(path), f".{globlib.escape(os.path.basename(path))}.tmp-*")
+    cutoff = time.time() - STALE_STAGING_S
     for stale in globlib.glob(pattern, include_hidden=True):
         with contextlib.suppress(FileNotFoundError):
-            os.remove(stale)
+            if os.path.getmtime(stale) < cutoff:
+                os.remove(stale)
 
 
 def _publish_local(url: str, write: Callable[[Any], None]) -> None:

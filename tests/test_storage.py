@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -432,8 +434,36 @@ def test_publish_removes_staging_files_left_by_a_killed_writer(tmp_path):
     target = tmp_path / "ledger.json"
     stale = tmp_path / ".ledger.json.tmp-0123456789abcdef"
     stale.write_bytes(b"half a ledger")
+    old = time.time() - storage.STALE_STAGING_S - 60
+    os.utime(stale, (old, old))
+    live = tmp_path / ".ledger.json.tmp-fedcba9876543210"  # another writer's, being written now
+    live.write_bytes(b"the same ledger, half written")
     other = tmp_path / ".other.json.tmp-0123456789abcdef"  # another file's: not ours to remove
     other.write_bytes(b"x")
+    os.utime(other, (old, old))
     storage.write_json_atomic(str(target), {"units": {}})
     assert json.loads(target.read_text()) == {"units": {}}
-    assert not stale.exists() and other.exists()
+    assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_concurrent_writers_of_one_file_all_publish(tmp_path):
+    """Writers of the same file at the same time (two sweep launchers publishing
+    sweep/plan.json) never remove each other's staging file: every write lands."""
+    target = str(tmp_path / "sweep" / "plan.json")
+    errors = []
+
+    def write(worker: int) -> None:
+        try:
+            for _ in range(200):
+                storage.write_json_atomic(target, {"jobs": list(range(200))})
+        except Exception as err:  # noqa: BLE001 - collected for the assertion
+            errors.append((worker, err))
+
+    threads = [threading.Thread(target=write, args=(worker,)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert json.loads(Path(target).read_text()) == {"jobs": list(range(200))}
+    assert os.listdir(tmp_path / "sweep") == ["plan.json"]
