@@ -525,7 +525,7 @@ def test_matryoshka_prefix_validation():
 def test_target_l0_training_reaches_the_target(target):
     """64 atoms, 3 active per row, width 128, SPEC bandwidth 0.001, 400 Adam steps: the
     held-out L0 ends within 10% of the target on either side of the data's natural 3
-    (measured 4.0 -> 3.88, 16.0 -> 16.43), from a start at L0 ~ 35."""
+    (measured 4.0 -> 3.81, 16.0 -> 16.33), from a start at L0 ~ 35."""
     rows, _ = sparse_dictionary_data(12288, 32, 64, 3, seed=0)
     rows = jnp.asarray(unit_scale(rows))
     rule = arch.TargetL0JumpReLU(target_l0=target, l0_coefficient=1.0, frequency_threshold=0.5,
@@ -537,7 +537,13 @@ def test_target_l0_training_reaches_the_target(target):
     assert initial > 2 * target
     assert abs(float(out.l0) - target) < 0.1 * target, float(out.l0)
     assert float(out.error_sum / out.total_variance) < 0.3
-    assert int(out.terms["dense_latents"]) == 0
+    # The frequency penalty holds the busiest latents at f_max on the training rows; on
+    # 2,048 held-out rows their frequency may exceed it by sampling noise (0.5005 seen on
+    # one CPU), not by more than 3 binomial standard errors (0.533). Without the penalty
+    # 9 latents fire above f_max, the busiest on 68% of the rows.
+    held_out = np.asarray(out.latents) > 0
+    noise = 3.0 * np.sqrt(0.25 / held_out.shape[0])
+    assert held_out.mean(axis=0).max() < rule.frequency_threshold + noise
 
 
 # ----------------------------------------------------------------------------------------
