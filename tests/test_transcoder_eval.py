@@ -79,9 +79,15 @@ def transcode(arrays: dict[str, np.ndarray], x):
     return y + x @ p["W_skip"] if "W_skip" in p else y
 
 
-def affine_fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares (W, b) with y ~ x @ W + b."""
-    solution, *_ = np.linalg.lstsq(np.hstack([x, np.ones((len(x), 1))]), y, rcond=None)
+def affine_fit(x: np.ndarray, y: np.ndarray, ridge: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares (W, b) with y ~ x @ W + b, W penalised by ridge * ||W||^2.
+
+    With fewer rows than d_in + 1 the plain fit interpolates them: spliced on the same
+    tokens it reproduces the MLP exactly, and the KL is rounding noise of either sign."""
+    design = np.hstack([x, np.ones((len(x), 1))])
+    penalty = ridge * np.diag(np.r_[np.ones(x.shape[1]), 0.0])
+    solution = np.linalg.solve(design.T @ design + penalty, design.T @ y) if ridge else \
+        np.linalg.lstsq(design, y, rcond=None)[0]
     return solution[:-1], solution[-1]
 
 
@@ -127,7 +133,8 @@ def test_an_affine_skip_transcoder_is_spliced_in_place_of_the_mlp(loaded, batch,
     ids, role = batch
     x, y, _ = captured
     text = role == ROLE_TEXT
-    W_skip, b_dec = affine_fit(x[text], y[text])
+    # 58 rows, 65 unknowns per output: the ridge keeps the map from interpolating the MLP.
+    W_skip, b_dec = affine_fit(x[text], y[text], ridge=100.0)
     d, rng = x.shape[-1], np.random.default_rng(1)
     arrays = {"W_enc": rng.normal(size=(d, 32)), "W_dec": rng.normal(size=(32, d)), "b_enc": np.zeros(32),
               "b_dec": b_dec, "threshold": np.full(32, NEVER), "W_skip": W_skip}
@@ -146,7 +153,11 @@ def test_an_affine_skip_transcoder_is_spliced_in_place_of_the_mlp(loaded, batch,
     assert sae.metrics("identity")["zero_ablation_loss"] == m["zero_ablation_loss"]  # one baseline for the layer
     assert m["clean_loss"] == sae.metrics("identity")["clean_loss"]
     assert abs(sae.metrics("identity")["delta_loss"]) < 1e-6
-    assert m["kl"] > 0 and 0 < m["loss_recovered"] < 1 + 1e-6
+    assert m["kl"] > 1e-4  # measured 5.7e-4: the map is not the MLP, and the KL sees it
+    # Zeroing this random model's MLP lowers its loss, so the fraction recovered is only
+    # checked against its definition.
+    clean = m["clean_loss"] * tokens
+    assert m["loss_recovered"] == pytest.approx((zero - expected) / (zero - clean), rel=1e-3)
 
 
 def test_a_firing_transcoder_without_skip_is_spliced_from_the_mlp_input(loaded, batch, captured):
