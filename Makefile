@@ -51,6 +51,8 @@ bench: $(STAMP)
 	$(BIN)/gemmascope bench loader --json > $(RESULTS)/loader.json
 	$(BIN)/gemmascope bench train-step --d-in 640 --width 4096 --batch 1024 --json > $(RESULTS)/train-step-small.json
 	$(BIN)/gemmascope bench train-step --d-in 2304 --width 16384 --batch 256 --json > $(RESULTS)/train-step-16k.json
+	$(BIN)/gemmascope bench train-step --d-in 2304 --width 16384 --batch 4096 --steps 2 --json \
+		> $(RESULTS)/train-step-16k-recipe-batch.json
 	$(BIN)/gemmascope bench train-step --d-in 640 --width 4096 --batch 1024 --group 8 --json > $(RESULTS)/train-step-group8.json
 	$(BIN)/gemmascope bench train-step --d-in 2304 --width 16384 --batch 4096 --l0-fraction 0.01 --steps 2 --json \
 		> $(RESULTS)/train-step-sparse.json

@@ -27,6 +27,7 @@ import numpy as np
 from gemmascope.bench import add_sae_shape, fraction, positive_float, positive_int
 from gemmascope.config import TrainConfig
 from gemmascope.train.group import Group, initial_state, make_train_step, sharded_layout
+from gemmascope.train.jumprelu import batch_major
 from gemmascope.train.mesh import batch_sharding, make_mesh
 
 
@@ -124,7 +125,7 @@ def step_matmul_seconds(d_in: int, width: int, batch: int, repeats: int, dtype: 
         (lambda a, b: a @ b, (f, w_dec)),  # reconstruction
         (lambda a, b: a @ b.T, (x, w_dec)),  # gradient to the latents
         (lambda a, b: a.T @ b, (f, x)),  # decoder gradient
-        (lambda a, b: a.T @ b, (x, f)),  # encoder gradient
+        (lambda a, b: batch_major(a) @ b, (x, f)),  # encoder gradient, as the step contracts it
     ]
     total = 0.0
     for fn, operands in shapes:

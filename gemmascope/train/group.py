@@ -133,6 +133,22 @@ def initial_state(group: Group, config: TrainConfig, shardings) -> TrainState:
     return init(jax.random.key(config.seed))
 
 
+def after_every_read(grads):
+    """One SAE's gradients, each made to depend on all of them.
+
+    A donated parameter is updated in place only where XLA can prove that every read of
+    it comes first; a read that feeds only other gradients (the decoder in the latent
+    gradient, the encoder in b_dec's) need not, so XLA copied W_enc and W_dec each step,
+    a parameter-sized pass and buffer each. Adding 0 * (one element of every gradient) to
+    each gradient orders all reads before all updates (XLA keeps a float multiplication
+    by zero, as NaN * 0 is NaN; an optimisation barrier does not survive to its copy
+    insertion). A NaN stays within the SAE that produced it.
+    """
+    leaves, tree = jax.tree.flatten(grads)
+    token = 0.0 * sum(leaf[(0,) * leaf.ndim] for leaf in leaves)
+    return jax.tree.unflatten(tree, [leaf + token.astype(leaf.dtype) for leaf in leaves])
+
+
 def apply_gradients(optimizer: optax.GradientTransformation, params: tuple, opt_state,
                     grads: tuple) -> tuple[tuple, Any]:
     """One optimiser step under the decoder-norm constraint: the decoder gradient loses its
@@ -219,7 +235,7 @@ def make_train_step(group: Group, config: TrainConfig, scale: float, *, use_spar
         lam = factor(state.step)
         results = steps(state.params, state.since_fired, x, y, lam * target_mean_square)
         params, opt_state = apply_gradients(optimizer, state.params, state.opt_state,
-                                            tuple(r.grads for r in results))
+                                            tuple(after_every_read(r.grads) for r in results))
         since_fired = tuple(jnp.where(r.fired, 0, count + 1)
                             for r, count in zip(results, state.since_fired, strict=True))
         estimates = tuple(estimate.update(results[i].terms["kept_minimum"], config.threshold_ema_rate)

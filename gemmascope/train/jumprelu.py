@@ -138,6 +138,20 @@ def _matmul(a: jax.Array, b: jax.Array, dtype: str, out=jnp.float32) -> jax.Arra
     return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=out)
 
 
+def batch_major(rows: jax.Array) -> jax.Array:
+    """rows.T [d_in, batch] as an array of its own, to contract over the batch.
+
+    On the CPU, XLA folds a plain `rows.T @ d_pre` into one dot contracting the leading
+    dimension of both operands, which runs at ~0.6x the rate of the same product with
+    the transposed rows stored (measured at d_in 640 and 2,304, batch 1,024); the
+    optimisation barrier keeps the [d_in, batch] copy, which costs a pass over the
+    batch, not over the [d_in, width] gradient. Other backends transpose in the matmul.
+    """
+    if jax.default_backend() != "cpu":
+        return rows.T
+    return jax.lax.optimization_barrier(rows.T)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def fused_loss_fn(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, bandwidth: float,
                   matmul_dtype: str = "float32") -> tuple[jax.Array, Outputs]:
@@ -199,7 +213,7 @@ def _fused_bwd(bandwidth, matmul_dtype, residuals, cotangents):
     d_theta = -(1.0 / bandwidth) * jnp.sum(band * (theta * d_f + g * sparsity / batch), axis=0)
     d_b_enc = jnp.sum(d_pre, axis=0, dtype=jnp.float32)
     grads = JumpReLUParams(
-        W_enc=_matmul(x.T, d_pre, matmul_dtype) - jnp.outer(params.b_dec, d_b_enc),  # (x - b_dec)^T @ d_pre
+        W_enc=_matmul(batch_major(x - params.b_dec), d_pre, matmul_dtype),
         b_enc=d_b_enc,
         W_dec=d_W_dec,
         b_dec=jnp.sum(g_xhat, axis=0) - params.W_enc @ d_b_enc,

@@ -112,9 +112,9 @@ def _sparse(params, x, sparsity, pre, *, bandwidth, slots):
     d_b_enc = jnp.zeros((width,), jnp.float32).at[index].add(d_pre_k)
     d_W_dec, d_W_enc = _host("weight_grads", (jax.ShapeDtypeStruct((width, d_in), jnp.float32),
                                               jax.ShapeDtypeStruct((d_in, width), jnp.float32)),
-                             chosen, f_k, d_pre_k, g_xhat, x, width=width)
+                             chosen, f_k, d_pre_k, g_xhat, x - params.b_dec, width=width)
     grads = JumpReLUParams(
-        W_enc=d_W_enc - jnp.outer(params.b_dec, d_b_enc),  # (x - b_dec)^T @ d_pre
+        W_enc=d_W_enc,
         b_enc=d_b_enc,
         W_dec=d_W_dec,
         b_dec=jnp.sum(g_xhat, axis=0) - params.W_enc @ d_b_enc,
