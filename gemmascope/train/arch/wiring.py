@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from gemmascope.train.arch.base import Outputs, Params, Rule
-from gemmascope.train.jumprelu import encode_pre, init_params
+from gemmascope.train.jumprelu import encode_pre, init_params, input_matmul
 
 
 def init_sae(key: jax.Array, d_in: int, d_sae: int, threshold: float | None = None) -> Params:
@@ -51,12 +51,12 @@ def sae_loss(rule: Rule, params: Params, x: jax.Array, dead: jax.Array | None = 
 
 def transcoder_pre(params: Params, x: jax.Array) -> jax.Array:
     """Pre-activations without a pre-encoder bias: x @ W_enc + b_enc."""
-    return x @ params.W_enc + params.b_enc
+    return input_matmul(x, params.W_enc) + params.b_enc
 
 
 def transcoder_offset(params: Params, x: jax.Array) -> jax.Array:
     """The output not explained by latents: b_dec, plus x @ W_skip for a skip transcoder."""
-    return params.b_dec if params.W_skip is None else x @ params.W_skip + params.b_dec
+    return params.b_dec if params.W_skip is None else input_matmul(x, params.W_skip) + params.b_dec
 
 
 def transcoder_loss(rule: Rule, params: Params, x: jax.Array, y: jax.Array, dead: jax.Array | None = None
