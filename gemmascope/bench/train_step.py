@@ -44,6 +44,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--l0-fraction", type=fraction, default=None,
                         help="set thresholds for this L0 / width and time the sparse step beside the dense one")
     parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--rounds", type=positive_int, default=2,
+                        help="alternate the step and its references this many times, keeping the best of each, "
+                             "so a slow spell of a shared machine does not bias the ratios")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
 
@@ -151,7 +154,7 @@ def streaming_bytes_per_s(d_in: int, width: int, repeats: int) -> float:
 def measure_sparse(args: argparse.Namespace) -> dict:
     """Dense and sparse steps at the same activity, alternating, best of each."""
     dense, sparse, measured = [], [], {}
-    for _ in range(2):
+    for _ in range(args.rounds):
         dense.append(step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps,
                                   l0_fraction=args.l0_fraction))
         sparse.append(step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps,
@@ -169,9 +172,19 @@ def measure_sparse(args: argparse.Namespace) -> dict:
 def measure(args: argparse.Namespace) -> dict:
     if args.l0_fraction is not None:
         return measure_sparse(args)
-    seconds = step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps, args.matmul_dtype)
     flops = 10.0 * args.batch * args.d_in * args.width * args.group
-    matmul = matmul_flops_per_s(args.d_in, args.width, args.batch, max(args.steps, 5), args.matmul_dtype)
+    repeats = max(args.steps, 5)
+    timings = {"step": [], "matmul": [], "own": [], "streaming": [], "single": []}
+    for _ in range(args.rounds):
+        timings["step"].append(step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps,
+                                            args.matmul_dtype))
+        timings["matmul"].append(matmul_flops_per_s(args.d_in, args.width, args.batch, repeats, args.matmul_dtype))
+        timings["own"].append(step_matmul_seconds(args.d_in, args.width, args.batch, repeats, args.matmul_dtype))
+        timings["streaming"].append(streaming_bytes_per_s(args.d_in, args.width, repeats))
+        if args.group > 1:
+            timings["single"].append(step_seconds(args.d_in, args.width, args.batch, 1, args.dtype, args.steps,
+                                                  args.matmul_dtype))
+    seconds, matmul = min(timings["step"]), max(timings["matmul"])
     peak = args.peak_flops or known_peak()
     result = {
         "d_in": args.d_in, "width": args.width, "batch": args.batch, "group": args.group, "dtype": args.dtype,
@@ -188,10 +201,8 @@ def measure(args: argparse.Namespace) -> dict:
         "state_bytes": 3 * 4 * (2 * args.d_in * args.width + 3 * args.width + args.d_in) * args.group,
         "mfu": None if peak is None else flops / seconds / peak,
     }
-    own_matmuls = step_matmul_seconds(args.d_in, args.width, args.batch, max(args.steps, 5),
-                                      args.matmul_dtype) * args.group
-    optimiser_seconds = 20.0 * 2 * args.d_in * args.width * args.group / streaming_bytes_per_s(
-        args.d_in, args.width, max(args.steps, 5))
+    own_matmuls = min(timings["own"]) * args.group
+    optimiser_seconds = 20.0 * 2 * args.d_in * args.width * args.group / max(timings["streaming"])
     ideal = flops / matmul
     result.update({
         "own_matmuls_seconds": own_matmuls,
@@ -200,7 +211,7 @@ def measure(args: argparse.Namespace) -> dict:
         "ceiling_fraction_of_matmul": ideal / (own_matmuls + optimiser_seconds),
     })
     if args.group > 1:
-        single = step_seconds(args.d_in, args.width, args.batch, 1, args.dtype, args.steps, args.matmul_dtype)
+        single = min(timings["single"])
         result["single_step_seconds"] = single
         result["group_cost_vs_singles"] = seconds / (args.group * single)
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
