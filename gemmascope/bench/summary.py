@@ -79,6 +79,12 @@ def summarise(directory: Path) -> str:
                              "flat"))
             elif "bare_forward_tokens_per_s" in r:
                 rows.extend(_harvest_rows(r))
+            elif "comparisons" in r:
+                shape = f"({r['d_in']}, {r['width']}, batch {r['batch']}) on {r['device']}"
+                rows.extend((f"step layout: {c['what']} {shape}",
+                             f"{c['speedup']:.2f}x the plain form's step; temporaries "
+                             f"{c['ours_temp_bytes'] / 2**20:,.0f} vs {c['plain_temp_bytes'] / 2**20:,.0f} MiB",
+                             "documented") for c in r["comparisons"])
     lines = ["| benchmark | measured (one run, side by side) | target |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines) + "\n"

@@ -142,7 +142,11 @@ def after_every_read(grads):
     a parameter-sized pass and buffer each. Adding 0 * (one element of every gradient) to
     each gradient orders all reads before all updates (XLA keeps a float multiplication
     by zero, as NaN * 0 is NaN; an optimisation barrier does not survive to its copy
-    insertion). A NaN stays within the SAE that produced it.
+    insertion). A NaN stays within the SAE that produced it. The price is that an SAE's
+    gradients are all alive before its first update: XLA's memory analysis of the step
+    still gives less temporary memory at every shape measured with batch >= d_in (984 vs
+    1,092 MiB at (2304, 16384, batch 4096), 7.2 vs 8.3 GiB at width 131,072), more only
+    where the batch is far below d_in (1.6 vs 1.1 MB at (256, 512, batch 16)).
     """
     leaves, tree = jax.tree.flatten(grads)
     token = 0.0 * sum(leaf[(0,) * leaf.ndim] for leaf in leaves)
