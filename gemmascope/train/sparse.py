@@ -5,18 +5,20 @@ ones. Everything after it needs only the (row, latent) pairs with pre > theta - 
 (the active latents and the straight-through band around each threshold; a full
 bandwidth below theta, so rounding at the band's edge never drops a pair): the decoder
 pass, the latent gradient, both weight gradients, and the threshold and bias gradients.
-Each step measures that count and takes the sparse branch when every row's pairs fit
-`capacity` (= train.sparse_max_density x width), the dense one otherwise, inside one
-compiled program (`lax.cond`); both give the same values and gradients.
+Each step lists those pairs (`select`, which also counts them) and takes the sparse
+branch when every row's pairs fit `capacity` (= train.sparse_max_density x width), the
+dense one otherwise, inside one compiled program (`lax.cond`); both give the same
+values and gradients.
 
-The sparse branch runs the kernels of `sparse_kernels` on the host through
-`jax.pure_callback`, so it serves a single CPU device (a host training one job); with
-a GPU, TPU or a sharded mesh every step is dense.
+The kernels of `sparse_kernels` run on the host through `host_call`, so the sparse
+branch serves a single CPU device (a host training one job); with a GPU, TPU or a
+sharded mesh every step is dense.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -25,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gemmascope.config import TrainConfig
+from gemmascope.train.host_call import host_call
 from gemmascope.train.jumprelu import (
     JumpReLUParams,
     Outputs,
@@ -50,22 +53,26 @@ def capacity(width: int, config: TrainConfig) -> int:
 _KERNEL_LOCK = threading.Lock()
 
 
-def _host(kernel_name: str, result, *args, **static):
-    """Run a `sparse_kernels` kernel on host views of `args`; `result` its ShapeDtypeStruct(s)."""
+@dataclass(frozen=True)
+class _Kernel:
+    """A `sparse_kernels` kernel with its static arguments (compared by value, as a
+    compiled program's cache key)."""
 
-    def call(*arrays):
+    name: str
+    static: tuple[int, ...] = ()
+
+    def __call__(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         from gemmascope.train import sparse_kernels
 
         with _KERNEL_LOCK:
-            return getattr(sparse_kernels, kernel_name)(*map(np.asarray, arrays), *static.values())
+            out = getattr(sparse_kernels, self.name)(*arrays, *self.static)
+        return out if isinstance(out, tuple) else (out,)
 
-    return jax.pure_callback(call, result, *args)
 
-
-def pair_count(params: JumpReLUParams, pre: jax.Array, bandwidth: float) -> jax.Array:
-    """The largest number of pairs the sparse branch needs in any row."""
-    floor = jnp.exp(params.log_threshold) - bandwidth
-    return jnp.max(jnp.sum(pre > floor, axis=-1))
+def _host(kernel_name: str, results: list[jax.ShapeDtypeStruct], *args, static: tuple[int, ...] = ()
+          ) -> list[jax.Array]:
+    """Run a `sparse_kernels` kernel on the host views of `args`; `results` its outputs' shapes."""
+    return host_call(_Kernel(kernel_name, static), results, *args)
 
 
 def value_and_grad(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, bandwidth: float,
@@ -76,17 +83,27 @@ def value_and_grad(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, ba
     dense = partial(dense_value_and_grad, bandwidth=bandwidth, matmul_dtype=matmul_dtype)
     if slots is None:
         return *dense(params, x, sparsity, pre), jnp.zeros((), bool)
-    sparse = partial(_sparse, bandwidth=bandwidth, slots=slots)
-    fits = pair_count(params, pre, bandwidth) <= slots
-    return *jax.lax.cond(fits, sparse, dense, params, x, sparsity, pre), fits
+    chosen, needed = select(params, pre, bandwidth, slots)
+    fits = needed <= slots
+    sparse = partial(_sparse, bandwidth=bandwidth)
+    return *jax.lax.cond(fits, sparse, lambda p, x, s, pre, _: dense(p, x, s, pre),
+                         params, x, sparsity, pre, chosen), fits
 
 
-def _sparse(params, x, sparsity, pre, *, bandwidth, slots):
+def select(params: JumpReLUParams, pre: jax.Array, bandwidth: float, slots: int) -> tuple[jax.Array, jax.Array]:
+    """([batch, slots] the latents of each row with pre > theta - bandwidth, -1 after the
+    row's last; the most such latents in any row, which may exceed `slots`)."""
+    batch = pre.shape[0]
+    floor = jnp.exp(params.log_threshold) - bandwidth
+    return _host("select", [jax.ShapeDtypeStruct((batch, slots), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)],
+                 pre, floor, static=(slots,))
+
+
+def _sparse(params, x, sparsity, pre, chosen, *, bandwidth):
     batch, width = pre.shape
     d_in = x.shape[1]
+    slots = chosen.shape[1]
     theta = jnp.exp(params.log_threshold)
-    chosen = _host("select", jax.ShapeDtypeStruct((batch, slots), jnp.int32), pre, theta - bandwidth,
-                   capacity=slots)
     valid = chosen >= 0
     index = jnp.where(valid, chosen, 0)
     pre_k, theta_k = jnp.take_along_axis(pre, index, axis=1), theta[index]
@@ -94,7 +111,7 @@ def _sparse(params, x, sparsity, pre, *, bandwidth, slots):
     f_k = jnp.where(active_k, pre_k, 0.0)
 
     rows = jax.ShapeDtypeStruct((batch, d_in), jnp.float32)
-    diff = _host("decode", rows, chosen, f_k, params.W_dec) + params.b_dec - x
+    diff = _host("decode", [rows], chosen, f_k, params.W_dec)[0] + params.b_dec - x
     error = jnp.sum(diff * diff, axis=-1)
     l0 = jnp.sum(active_k, dtype=jnp.float32) / batch
     mse = jnp.mean(error)
@@ -104,15 +121,15 @@ def _sparse(params, x, sparsity, pre, *, bandwidth, slots):
     outputs = Outputs(loss, mse, l0, fired, jnp.sum(centred**2), jnp.sum(error))
 
     g_xhat = (2.0 / batch) * diff
-    d_f_k = _host("row_dots", jax.ShapeDtypeStruct((batch, slots), jnp.float32), chosen, g_xhat, params.W_dec)
+    d_f_k = _host("row_dots", [jax.ShapeDtypeStruct((batch, slots), jnp.float32)], chosen, g_xhat, params.W_dec)[0]
     d_pre_k = jnp.where(active_k, d_f_k, 0.0)
     band_k = valid * rectangle((pre_k - theta_k) / bandwidth)
     d_theta = -(1.0 / bandwidth) * jnp.zeros((width,), jnp.float32).at[index].add(
         band_k * (theta_k * d_f_k + sparsity / batch))
     d_b_enc = jnp.zeros((width,), jnp.float32).at[index].add(d_pre_k)
-    d_W_dec, d_W_enc = _host("weight_grads", (jax.ShapeDtypeStruct((width, d_in), jnp.float32),
-                                              jax.ShapeDtypeStruct((d_in, width), jnp.float32)),
-                             chosen, f_k, d_pre_k, g_xhat, x - params.b_dec, width=width)
+    d_W_dec, d_W_enc = _host("weight_grads", [jax.ShapeDtypeStruct((width, d_in), jnp.float32),
+                                              jax.ShapeDtypeStruct((d_in, width), jnp.float32)],
+                             chosen, f_k, d_pre_k, g_xhat, x - params.b_dec, static=(width,))
     grads = JumpReLUParams(
         W_enc=d_W_enc,
         b_enc=d_b_enc,
