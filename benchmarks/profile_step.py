@@ -12,9 +12,11 @@ import jax.numpy as jnp
 
 from gemmascope.bench.train_step import _time, step_seconds
 from gemmascope.config import TrainConfig
+from gemmascope.huge_pages import reexec_with_huge_pages
 from gemmascope.train.group import Group, apply_gradients, build_optimizer, init_state
 from gemmascope.train.jumprelu import fused_loss_fn
 
+reexec_with_huge_pages()  # as the command line runs a step
 parser = argparse.ArgumentParser()
 parser.add_argument("--d-in", type=int, default=2304)
 parser.add_argument("--width", type=int, default=131072)

@@ -24,6 +24,7 @@ import gemmascope.train.group as group_module
 import gemmascope.train.jumprelu as jumprelu
 from gemmascope.bench.train_step import _time
 from gemmascope.config import TrainConfig
+from gemmascope.huge_pages import reexec_with_huge_pages
 from gemmascope.train.group import Group, init_state, make_train_step
 
 
@@ -93,4 +94,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as the command line runs a step
     main()

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from gemmascope.errors import UserError, environment_failure
+from gemmascope.huge_pages import reexec_with_huge_pages
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -284,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a process of its own, not a caller's function call
+        reexec_with_huge_pages()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
     # JAX reports at INFO each accelerator plugin it looked for and did not find.

@@ -15,6 +15,7 @@ import ray
 
 from gemmascope import faults
 from gemmascope.errors import UserError
+from gemmascope.huge_pages import worker_env
 
 # Variables that point clients at emulators and caches; workers need the driver's values
 # even when they run on a cluster started elsewhere. Credentials (HF_TOKEN, Google's
@@ -64,5 +65,5 @@ def connect(address: str | None) -> None:
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=True,
-        runtime_env={"env_vars": forwarded_env()},
+        runtime_env={"env_vars": {**forwarded_env(), **worker_env()}},
     )

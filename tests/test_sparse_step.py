@@ -40,19 +40,20 @@ def test_kernels_against_numpy(batch):
     width, d, capacity = 200, 12, 16
     slots = _padded_slots(rng, batch, width, capacity, rng.integers(0, capacity + 1, batch))
     values = rng.standard_normal((batch, capacity)).astype(np.float32) * (slots >= 0)
-    grads = rng.standard_normal((batch, capacity)).astype(np.float32) * (slots >= 0)
     table = rng.standard_normal((width, d)).astype(np.float32)
     vectors = rng.standard_normal((batch, d)).astype(np.float32)
     inputs = rng.standard_normal((batch, d)).astype(np.float32)
     f = _dense_from_slots(slots, values, width)
 
     np.testing.assert_allclose(sparse_kernels.decode(slots, values, table), f @ table, rtol=1e-5, atol=1e-5)
-    dots = sparse_kernels.row_dots(slots, vectors, table)
+    values[rng.random(values.shape) < 0.3] = 0.0  # inactive pairs inside the band: a latent gradient, no weight terms
+    f = _dense_from_slots(slots, values, width)
+    dots, decoder, encoder = sparse_kernels.backward(slots, values, vectors, inputs, table)
     expected = np.where(slots >= 0, np.einsum("bd,bkd->bk", vectors, table[np.maximum(slots, 0)]), 0.0)
     np.testing.assert_allclose(dots, expected, rtol=1e-5, atol=1e-5)
-    decoder, encoder = sparse_kernels.weight_grads(slots, values, grads, vectors, inputs, width)
     np.testing.assert_allclose(decoder, f.T @ vectors, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(encoder, inputs.T @ _dense_from_slots(slots, grads, width), rtol=1e-5, atol=1e-5)
+    latent_grads = _dense_from_slots(slots, np.where(values != 0.0, expected, 0.0), width)
+    np.testing.assert_allclose(encoder, inputs.T @ latent_grads, rtol=1e-5, atol=1e-5)
 
     pre = rng.standard_normal((batch, width)).astype(np.float32)
     floor = rng.uniform(1.0, 2.0, width).astype(np.float32)

@@ -121,15 +121,15 @@ def _sparse(params, x, sparsity, pre, chosen, *, bandwidth):
     outputs = Outputs(loss, mse, l0, fired, jnp.sum(centred**2), jnp.sum(error))
 
     g_xhat = (2.0 / batch) * diff
-    d_f_k = _host("row_dots", [jax.ShapeDtypeStruct((batch, slots), jnp.float32)], chosen, g_xhat, params.W_dec)[0]
+    d_f_k, d_W_dec, d_W_enc = _host("backward", [jax.ShapeDtypeStruct((batch, slots), jnp.float32),
+                                                 jax.ShapeDtypeStruct((width, d_in), jnp.float32),
+                                                 jax.ShapeDtypeStruct((d_in, width), jnp.float32)],
+                                    chosen, f_k, g_xhat, x - params.b_dec, params.W_dec)
     d_pre_k = jnp.where(active_k, d_f_k, 0.0)
     band_k = valid * rectangle((pre_k - theta_k) / bandwidth)
     d_theta = -(1.0 / bandwidth) * jnp.zeros((width,), jnp.float32).at[index].add(
         band_k * (theta_k * d_f_k + sparsity / batch))
     d_b_enc = jnp.zeros((width,), jnp.float32).at[index].add(d_pre_k)
-    d_W_dec, d_W_enc = _host("weight_grads", [jax.ShapeDtypeStruct((width, d_in), jnp.float32),
-                                              jax.ShapeDtypeStruct((d_in, width), jnp.float32)],
-                             chosen, f_k, d_pre_k, g_xhat, x - params.b_dec, static=(width,))
     grads = JumpReLUParams(
         W_enc=d_W_enc,
         b_enc=d_b_enc,

@@ -7,12 +7,13 @@ active or inside the straight-through band. Each kernel takes those pairs as `sl
 proportion to the pairs, not to batch x width. XLA's CPU scatter runs a weight gradient
 written as a scatter-add slower than the dense matmul, hence these kernels:
 
+- `select`:   each row's pairs, and the most pairs in any row
 - `decode`:   out[b] = sum_k values[b, k] * table[slots[b, k]]
-- `row_dots`: out[b, k] = vectors[b] . table[slots[b, k]]
-- `weight_grads`: both weight gradients, latents^T errors and inputs^T latent gradients
+- `backward`: each pair's latent gradient errors[b] . table[slots[b, k]], and both
+  weight gradients, latents^T errors and inputs^T latent gradients
 
-All three walk the pairs latent by latent (a counting sort of each chunk's pairs), over
-chunks of CHUNK rows: each row of the [width, d] table or gradient is touched once per
+`decode` and `backward` walk the pairs latent by latent (a counting sort of each
+chunk's pairs), over chunks of CHUNK rows: each row of the [width, d] table or gradient is touched once per
 chunk, while the chunk's [CHUNK, d] row vectors stay in the last-level cache. Walking
 row by row instead gathers a table row from memory for every pair, 2-4x slower here.
 """
@@ -23,7 +24,7 @@ import numba
 import numpy as np
 
 CHUNK = 1024  # rows per chunk: 1024 x 2304 float32 = 9.4 MB, inside a 32 MB L3
-BLOCK = 16  # latents per task of weight_grads: one 64-byte cache line of an encoder-gradient row
+BLOCK = 16  # latents per task of backward: one 64-byte cache line of an encoder-gradient row
 
 
 @numba.njit(parallel=True, cache=True)
@@ -112,44 +113,22 @@ def decode(slots: np.ndarray, values: np.ndarray, table: np.ndarray) -> np.ndarr
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _row_dots(slots, vectors, table, parts):
-    batch, capacity = slots.shape
-    width, d = table.shape
-    out = np.zeros((batch, capacity), np.float32)
-    flat = out.ravel()
-    for first in range(0, batch, CHUNK):
-        rows = min(CHUNK, batch - first)
-        starts, pairs = _by_latent(slots[first:first + rows], width)
-        for t in numba.prange(parts):
-            for j in range(t * width // parts, (t + 1) * width // parts):
-                source = table[j]
-                for p in range(starts[j], starts[j + 1]):
-                    pair = pairs[p]
-                    vector = vectors[first + pair // capacity]
-                    total = np.float32(0.0)
-                    for i in range(d):
-                        total += vector[i] * source[i]
-                    flat[first * capacity + pair] = total
-    return out
+def backward(slots: np.ndarray, latents: np.ndarray, errors: np.ndarray, inputs: np.ndarray, table: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(latent gradients [batch, capacity] = errors . table rows, decoder gradient
+    [width, d] = latents^T errors, encoder gradient [d, width] = inputs^T (latent
+    gradients where the latent is active, i.e. its value is non-zero)).
 
-
-def row_dots(slots: np.ndarray, vectors: np.ndarray, table: np.ndarray) -> np.ndarray:
-    return _row_dots(slots, vectors, table, numba.get_num_threads())
-
-
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def weight_grads(slots: np.ndarray, latents: np.ndarray, latent_grads: np.ndarray, errors: np.ndarray,
-                 inputs: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(decoder gradient [width, d] = latents^T errors, encoder gradient [d, width] = inputs^T latent_grads).
-
-    Latents in parallel, in blocks of BLOCK; each block walks every chunk's pairs, adding
-    to its decoder rows in place and to its encoder columns in a [BLOCK, d] buffer that
-    stays in the core's cache, written out once as whole cache lines of the [d, width]
-    gradient. (Adding each chunk's columns to the gradient instead touched every one of
-    its pages once per chunk: twice the time.)
+    One walk of the pairs serves all three: each pair's error row, read once, gives
+    its latent gradient and its decoder-gradient term. Latents in parallel, in blocks of
+    BLOCK; each block walks every chunk's pairs, adding to its decoder rows in place and
+    to its encoder columns in a [BLOCK, d] buffer that stays in the core's cache,
+    written out once as whole cache lines of the [d, width] gradient. (Adding each
+    chunk's columns to the gradient instead touched every one of its pages once per
+    chunk: twice the time.)
     """
     batch, capacity = slots.shape
-    d = inputs.shape[1]
+    width, d = table.shape
     chunks = (batch + CHUNK - 1) // CHUNK
     starts = np.empty((chunks, width + 1), np.int64)
     pairs = np.empty((chunks, CHUNK * capacity), np.int64)
@@ -158,6 +137,7 @@ def weight_grads(slots: np.ndarray, latents: np.ndarray, latent_grads: np.ndarra
         chunk_starts, chunk_pairs = _by_latent(slots[first:first + CHUNK], width)
         starts[c] = chunk_starts
         pairs[c, :chunk_pairs.size] = chunk_pairs
+    dots = np.zeros((batch, capacity), np.float32)
     decoder = np.empty((width, d), np.float32)
     encoder = np.empty((d, width), np.float32)
     for block_index in numba.prange((width + BLOCK - 1) // BLOCK):
@@ -169,23 +149,25 @@ def weight_grads(slots: np.ndarray, latents: np.ndarray, latent_grads: np.ndarra
             first = c * CHUNK
             for offset in range(count):
                 j = j0 + offset
+                weights = table[j]
                 row = decoder[j]
                 column = columns[offset]
                 for p in range(starts[c, j], starts[c, j + 1]):
                     pair = pairs[c, p]
                     b = first + pair // capacity
                     k = pair % capacity
+                    error = errors[b]
+                    dot = np.float32(0.0)
+                    for i in range(d):
+                        dot += error[i] * weights[i]
+                    dots[b, k] = dot
                     value = latents[b, k]
                     if value != 0.0:
-                        error = errors[b]
-                        for i in range(d):
-                            row[i] += value * error[i]
-                    grad = latent_grads[b, k]
-                    if grad != 0.0:
                         source = inputs[b]
                         for i in range(d):
-                            column[i] += grad * source[i]
+                            row[i] += value * error[i]
+                            column[i] += dot * source[i]
         for i in range(d):
             for offset in range(count):
                 encoder[i, j0 + offset] = columns[offset, i]
-    return decoder, encoder
+    return dots, decoder, encoder
