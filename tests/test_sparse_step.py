@@ -34,6 +34,11 @@ def _dense_from_slots(slots, values, width):
     return dense
 
 
+def _unwritten(shape, dtype) -> np.ndarray:
+    """A result buffer as XLA hands it over: whatever was there before (here: junk)."""
+    return np.full(shape, np.nan if np.dtype(dtype).kind == "f" else 12345, dtype)
+
+
 @pytest.mark.parametrize("batch", [40, 2 * sparse_kernels.CHUNK + 37])  # one chunk, and several
 def test_kernels_against_numpy(batch):
     rng = np.random.default_rng(0)
@@ -45,10 +50,13 @@ def test_kernels_against_numpy(batch):
     inputs = rng.standard_normal((batch, d)).astype(np.float32)
     f = _dense_from_slots(slots, values, width)
 
-    np.testing.assert_allclose(sparse_kernels.decode(slots, values, table), f @ table, rtol=1e-5, atol=1e-5)
+    decoded = _unwritten((batch, d), np.float32)  # the kernels write every element of their results
+    sparse_kernels.decode(slots, values, table, decoded)
+    np.testing.assert_allclose(decoded, f @ table, rtol=1e-5, atol=1e-5)
     values[rng.random(values.shape) < 0.3] = 0.0  # inactive pairs inside the band: a latent gradient, no weight terms
     f = _dense_from_slots(slots, values, width)
-    dots, decoder, encoder = sparse_kernels.backward(slots, values, vectors, inputs, table)
+    dots, decoder, encoder = (_unwritten(shape, np.float32) for shape in ((batch, capacity), (width, d), (d, width)))
+    sparse_kernels.backward(slots, values, vectors, inputs, table, dots, decoder, encoder)
     expected = np.where(slots >= 0, np.einsum("bd,bkd->bk", vectors, table[np.maximum(slots, 0)]), 0.0)
     np.testing.assert_allclose(dots, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(decoder, f.T @ vectors, rtol=1e-5, atol=1e-5)
@@ -59,8 +67,9 @@ def test_kernels_against_numpy(batch):
     floor = rng.uniform(1.0, 2.0, width).astype(np.float32)
     per_row = (pre > floor).sum(axis=1)
     for capacity in (width, int(per_row.max()) - 3):  # room for every row; the busiest rows cut short
-        chosen, needed = sparse_kernels.select(pre, floor, capacity)
-        assert chosen.shape == (batch, capacity) and needed == per_row.max()
+        chosen, needed = _unwritten((batch, capacity), np.int32), np.zeros((), np.int32)
+        sparse_kernels.select(pre, floor, chosen, needed)
+        assert needed == per_row.max()
         for b in range(batch):
             expected = np.flatnonzero(pre[b] > floor)[:capacity]
             assert list(chosen[b, :len(expected)]) == list(expected) and (chosen[b, len(expected):] == -1).all()

@@ -18,7 +18,6 @@ sharded mesh every step is dense.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -27,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gemmascope.config import TrainConfig
-from gemmascope.train.host_call import host_call
+from gemmascope.train.host_call import host_call, register
 from gemmascope.train.jumprelu import (
     JumpReLUParams,
     Outputs,
@@ -53,26 +52,21 @@ def capacity(width: int, config: TrainConfig) -> int:
 _KERNEL_LOCK = threading.Lock()
 
 
-@dataclass(frozen=True)
-class _Kernel:
-    """A `sparse_kernels` kernel with its static arguments (compared by value, as a
-    compiled program's cache key)."""
-
-    name: str
-    static: tuple[int, ...] = ()
-
-    def __call__(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+def _taking_turns(kernel_name: str):
+    def run(*arrays: np.ndarray) -> None:
         from gemmascope.train import sparse_kernels
 
         with _KERNEL_LOCK:
-            out = getattr(sparse_kernels, self.name)(*arrays, *self.static)
-        return out if isinstance(out, tuple) else (out,)
+            getattr(sparse_kernels, kernel_name)(*arrays)
+
+    run.__name__ = kernel_name
+    return run
 
 
-def _host(kernel_name: str, results: list[jax.ShapeDtypeStruct], *args, static: tuple[int, ...] = ()
-          ) -> list[jax.Array]:
-    """Run a `sparse_kernels` kernel on the host views of `args`; `results` its outputs' shapes."""
-    return host_call(_Kernel(kernel_name, static), results, *args)
+def _host(kernel_name: str, results: list[jax.ShapeDtypeStruct], *args) -> list[jax.Array]:
+    """Run a `sparse_kernels` kernel on XLA's buffers; `results` its outputs' shapes."""
+    register(kernel_name, _taking_turns(kernel_name))
+    return host_call(kernel_name, results, *args)
 
 
 def value_and_grad(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, bandwidth: float,
@@ -96,7 +90,7 @@ def select(params: JumpReLUParams, pre: jax.Array, bandwidth: float, slots: int)
     batch = pre.shape[0]
     floor = jnp.exp(params.log_threshold) - bandwidth
     return _host("select", [jax.ShapeDtypeStruct((batch, slots), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)],
-                 pre, floor, static=(slots,))
+                 pre, floor)
 
 
 def _sparse(params, x, sparsity, pre, chosen, *, bandwidth):

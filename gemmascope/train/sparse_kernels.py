@@ -28,10 +28,9 @@ BLOCK = 16  # latents per task of backward: one 64-byte cache line of an encoder
 
 
 @numba.njit(parallel=True, cache=True)
-def _select(pre, floor, capacity):
+def _select(pre, floor, slots, counts):
     batch, width = pre.shape
-    slots = np.full((batch, capacity), -1, np.int32)
-    counts = np.empty(batch, np.int64)
+    capacity = slots.shape[1]
     for b in numba.prange(batch):
         count = 0
         for j in range(width):
@@ -39,15 +38,18 @@ def _select(pre, floor, capacity):
                 if count < capacity:
                     slots[b, count] = j
                 count += 1
+        for k in range(min(count, capacity), capacity):
+            slots[b, k] = -1
         counts[b] = count
-    return slots, counts
 
 
-def select(pre: np.ndarray, floor: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
-    """(per row, the first `capacity` latents with pre > floor, the rest of the row -1;
-    the largest number of such latents in any row, which may exceed `capacity`)."""
-    slots, counts = _select(pre, floor, capacity)
-    return slots, np.int32(counts.max(initial=0))
+def select(pre: np.ndarray, floor: np.ndarray, slots: np.ndarray, most: np.ndarray) -> None:
+    """Writes each row's first slots.shape[1] latents with pre > floor into `slots`
+    (-1 after its last), and into the scalar `most` the largest number of such latents
+    in any row, which may exceed the capacity."""
+    counts = np.empty(pre.shape[0], np.int64)
+    _select(pre, floor, slots, counts)
+    most[()] = counts.max(initial=0)
 
 
 @numba.njit(cache=True)
@@ -77,10 +79,9 @@ def _by_latent(slots: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _decode(slots, values, table, parts):
+def _decode(slots, values, table, out, parts):
     batch, capacity = slots.shape
     width, d = table.shape
-    out = np.empty((batch, d), np.float32)
     partial = np.empty((parts, CHUNK, d), np.float32)  # one accumulator per task: no shared writes
     for first in range(0, batch, CHUNK):
         rows = min(CHUNK, batch - first)
@@ -105,19 +106,20 @@ def _decode(slots, values, table, parts):
                 other = partial[t, b]
                 for i in range(d):
                     row[i] += other[i]
-    return out
 
 
-def decode(slots: np.ndarray, values: np.ndarray, table: np.ndarray) -> np.ndarray:
-    return _decode(slots, values, table, numba.get_num_threads())
+def decode(slots: np.ndarray, values: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
+    """Writes sum_k values[b, k] * table[slots[b, k]] into out[b]."""
+    _decode(slots, values, table, out, numba.get_num_threads())
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def backward(slots: np.ndarray, latents: np.ndarray, errors: np.ndarray, inputs: np.ndarray, table: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(latent gradients [batch, capacity] = errors . table rows, decoder gradient
-    [width, d] = latents^T errors, encoder gradient [d, width] = inputs^T (latent
-    gradients where the latent is active, i.e. its value is non-zero)).
+def backward(slots: np.ndarray, latents: np.ndarray, errors: np.ndarray, inputs: np.ndarray, table: np.ndarray,
+             dots: np.ndarray, decoder: np.ndarray, encoder: np.ndarray) -> None:
+    """Writes the latent gradients dots [batch, capacity] = errors . table rows (0 in
+    empty slots), the decoder gradient [width, d] = latents^T errors, and the encoder
+    gradient [d, width] = inputs^T (latent gradients where the latent is active, i.e.
+    its value is non-zero).
 
     One walk of the pairs serves all three: each pair's error row, read once, gives
     its latent gradient and its decoder-gradient term. Latents in parallel, in blocks of
@@ -137,9 +139,8 @@ def backward(slots: np.ndarray, latents: np.ndarray, errors: np.ndarray, inputs:
         chunk_starts, chunk_pairs = _by_latent(slots[first:first + CHUNK], width)
         starts[c] = chunk_starts
         pairs[c, :chunk_pairs.size] = chunk_pairs
-    dots = np.zeros((batch, capacity), np.float32)
-    decoder = np.empty((width, d), np.float32)
-    encoder = np.empty((d, width), np.float32)
+    for b in numba.prange(batch):
+        dots[b] = 0.0
     for block_index in numba.prange((width + BLOCK - 1) // BLOCK):
         j0 = block_index * BLOCK
         count = min(BLOCK, width - j0)
@@ -170,4 +171,3 @@ def backward(slots: np.ndarray, latents: np.ndarray, errors: np.ndarray, inputs:
         for i in range(d):
             for offset in range(count):
                 encoder[i, j0 + offset] = columns[offset, i]
-    return dots, decoder, encoder
