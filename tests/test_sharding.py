@@ -21,6 +21,10 @@ def test_meshes_agree_and_shard_as_configured(tmp_path):
     assert report["devices"] == 8
     for name, run in report["runs"].items():
         assert run["max_relative_difference"] < 2e-4, (name, run)
+        # The straight-through band is a step function: where a pre-activation sits on its
+        # edge, a different summation order can move one latent's threshold by a step
+        # (one latent in 384 here); no more than that, and by no more than a few percent.
+        assert run["thresholds_apart"] <= 2 and run["max_threshold_difference"] < 0.03, (name, run)
     specs = report["specs"]
     assert specs["data8"]["mesh"] == {"data": 8, "latent": 1}
     assert specs["data2_latent4"]["mesh"] == {"data": 2, "latent": 4}
