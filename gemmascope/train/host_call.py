@@ -104,6 +104,8 @@ def _view(address: int) -> np.ndarray:
 
 
 def _handler(kernel: Callable[..., None]) -> _Handler:
+    name = getattr(kernel, "__name__", repr(kernel))
+
     def handle(frame_pointer):
         frame = frame_pointer.contents
         if frame.extension_start and frame.extension_start.contents.type == _METADATA_EXTENSION:
@@ -119,8 +121,8 @@ def _handler(kernel: Callable[..., None]) -> _Handler:
             outputs = [_view(frame.rets.buffers[i]) for i in range(frame.rets.size)]
             kernel(*arrays, *outputs)
         except Exception as err:  # noqa: BLE001 - handed to XLA, which raises it in the caller
-            log.exception("host kernel %s failed", getattr(kernel, "__name__", kernel))
-            message = f"{getattr(kernel, '__name__', kernel)}: {type(err).__name__}: {err}".encode()
+            log.exception("host kernel %s failed", name)
+            message = f"{name}: {type(err).__name__}: {err}".encode()
             args = _ErrorArgs(ctypes.sizeof(_ErrorArgs), None, message, _ERROR_INTERNAL)
             return frame.api.contents.error_create(ctypes.byref(args))
         return None

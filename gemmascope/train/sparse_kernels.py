@@ -13,9 +13,10 @@ written as a scatter-add slower than the dense matmul, hence these kernels:
   weight gradients, latents^T errors and inputs^T latent gradients
 
 `decode` and `backward` walk the pairs latent by latent (a counting sort of each
-chunk's pairs), over chunks of CHUNK rows: each row of the [width, d] table or gradient is touched once per
-chunk, while the chunk's [CHUNK, d] row vectors stay in the last-level cache. Walking
-row by row instead gathers a table row from memory for every pair, 2-4x slower here.
+chunk's pairs), over chunks of CHUNK rows: each row of the [width, d] table or gradient
+is touched once per chunk, while the chunk's [CHUNK, d] row vectors stay in the
+last-level cache. Walking row by row instead gathers a table row from memory for every
+pair, 2-4x slower here.
 """
 
 from __future__ import annotations
