@@ -26,6 +26,7 @@ import numpy as np
 
 from gemmascope.bench import add_sae_shape, fraction, positive_float, positive_int
 from gemmascope.config import TrainConfig
+from gemmascope.train.architectures import JUMPRELU
 from gemmascope.train.group import Group, initial_state, make_train_step, sharded_layout
 from gemmascope.train.jumprelu import batch_major
 from gemmascope.train.mesh import batch_sharding, make_mesh
@@ -83,11 +84,12 @@ def with_density(state, x: jax.Array, fraction: float):
 
 def step_seconds(d_in: int, width: int, batch: int, group: int, dtype: str, steps: int,
                  matmul_dtype: str = "float32", l0_fraction: float | None = None, use_sparse: bool = False,
-                 measured: dict | None = None) -> float:
-    """Best seconds per step; with `l0_fraction`, at that activity; `measured` receives the last L0."""
+                 measured: dict | None = None, architecture: str = JUMPRELU, knob: float = 1e-3) -> float:
+    """Best seconds per step of a group of `architecture` SAEs (the i-th with sparsity knob
+    `knob` x i); with `l0_fraction`, at that activity; `measured` receives the last L0."""
     config = TrainConfig(tokens=batch * 10**6, batch_size=batch, shuffle_rows=batch, sparsity_warmup_steps=1,
                          matmul_dtype=matmul_dtype)
-    members = Group.of(d_in, [(width, 1e-3 * (i + 1)) for i in range(group)])
+    members = Group.of(d_in, [(width, knob * (i + 1)) for i in range(group)], [architecture] * group)
     mesh = make_mesh(config)
     _, shardings = sharded_layout(members, config, mesh)
     state = initial_state(members, config, shardings)

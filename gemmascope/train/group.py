@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from gemmascope.config import TrainConfig, sae_name
-from gemmascope.train import arch, sparse
+from gemmascope.train import arch, sparse, sparse_topk
 from gemmascope.train.architectures import ESTIMATED, JUMPRELU, init_member, rule
 from gemmascope.train.mesh import tree_shardings
 from gemmascope.train.optim import (
@@ -179,7 +179,8 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
     (with `use_sparse`, `sparse.sparse_available`, the sparse path whenever the step's
     activity allows); the others, and every transcoder, differentiate their wiring's loss
     (`arch.sae_loss`, `arch.transcoder_loss`), with the latents unfired for
-    train.dead_window_tokens as AuxK's dead mask.
+    train.dead_window_tokens as AuxK's dead mask. With `use_sparse`, a TopK SAE whose k fits
+    train.sparse_max_density x width takes the sparse TopK step (`sparse_topk`).
     """
     dead_after = dead_steps(config)
 
@@ -187,6 +188,12 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
         _, out, grads, took = sparse.value_and_grad(params, x, knob * lam, config.bandwidth, config.matmul_dtype,
                                                     sparse.capacity(width, config) if use_sparse else None)
         return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired, took, {})
+
+    def topk_step(params, x, knob, dead) -> MemberStep:
+        _, out, grads, terms = sparse_topk.value_and_grad(params, x, int(knob), config.aux_k, config.aux_coefficient,
+                                                          dead)
+        return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired,
+                          jnp.ones((), bool), terms)
 
     def rule_step(params, x, y, knob, width, lam, architecture, dead) -> MemberStep:
         chosen = rule(architecture, knob, width, config, lam)
@@ -204,6 +211,9 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
             architecture = group.architecture(i)
             if architecture == JUMPRELU and not group.transcoder:
                 results.append(jumprelu_step(p, x, knob, width, lam))
+            elif (use_sparse and architecture == "topk" and not group.transcoder
+                  and int(knob) <= sparse.capacity(width, config)):
+                results.append(topk_step(p, x, knob, count >= dead_after))
             else:
                 results.append(rule_step(p, x, y, knob, width, lam, architecture, count >= dead_after))
         return results

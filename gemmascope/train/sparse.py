@@ -63,7 +63,7 @@ def _taking_turns(kernel_name: str):
     return run
 
 
-def _host(kernel_name: str, results: list[jax.ShapeDtypeStruct], *args) -> list[jax.Array]:
+def run_kernel(kernel_name: str, results: list[jax.ShapeDtypeStruct], *args) -> list[jax.Array]:
     """Run a `sparse_kernels` kernel on XLA's buffers; `results` its outputs' shapes."""
     register(kernel_name, _taking_turns(kernel_name))
     return host_call(kernel_name, results, *args)
@@ -89,7 +89,7 @@ def select(params: JumpReLUParams, pre: jax.Array, bandwidth: float, slots: int)
     row's last; the most such latents in any row, which may exceed `slots`)."""
     batch = pre.shape[0]
     floor = jnp.exp(params.log_threshold) - bandwidth
-    return _host("select", [jax.ShapeDtypeStruct((batch, slots), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)],
+    return run_kernel("select", [jax.ShapeDtypeStruct((batch, slots), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)],
                  pre, floor)
 
 
@@ -105,7 +105,7 @@ def _sparse(params, x, sparsity, pre, chosen, *, bandwidth):
     f_k = jnp.where(active_k, pre_k, 0.0)
 
     rows = jax.ShapeDtypeStruct((batch, d_in), jnp.float32)
-    diff = _host("decode", [rows], chosen, f_k, params.W_dec)[0] + params.b_dec - x
+    diff = run_kernel("decode", [rows], chosen, f_k, params.W_dec)[0] + params.b_dec - x
     error = jnp.sum(diff * diff, axis=-1)
     l0 = jnp.sum(active_k, dtype=jnp.float32) / batch
     mse = jnp.mean(error)
@@ -115,7 +115,7 @@ def _sparse(params, x, sparsity, pre, chosen, *, bandwidth):
     outputs = Outputs(loss, mse, l0, fired, jnp.sum(centred**2), jnp.sum(error))
 
     g_xhat = (2.0 / batch) * diff
-    d_f_k, d_W_dec, d_W_enc = _host("backward", [jax.ShapeDtypeStruct((batch, slots), jnp.float32),
+    d_f_k, d_W_dec, d_W_enc = run_kernel("backward", [jax.ShapeDtypeStruct((batch, slots), jnp.float32),
                                                  jax.ShapeDtypeStruct((width, d_in), jnp.float32),
                                                  jax.ShapeDtypeStruct((d_in, width), jnp.float32)],
                                     chosen, f_k, g_xhat, x - params.b_dec, params.W_dec)

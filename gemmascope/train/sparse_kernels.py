@@ -8,6 +8,7 @@ proportion to the pairs, not to batch x width. XLA's CPU scatter runs a weight g
 written as a scatter-add slower than the dense matmul, hence these kernels:
 
 - `select`:   each row's pairs, and the most pairs in any row
+- `top_k`:    each row's k largest scores among allowed latents (TopK and AuxK's pairs)
 - `decode`:   out[b] = sum_k values[b, k] * table[slots[b, k]]
 - `backward`: each pair's latent gradient errors[b] . table[slots[b, k]], and both
   weight gradients, latents^T errors and inputs^T latent gradients
@@ -51,6 +52,68 @@ def select(pre: np.ndarray, floor: np.ndarray, slots: np.ndarray, most: np.ndarr
     counts = np.empty(pre.shape[0], np.int64)
     _select(pre, floor, slots, counts)
     most[()] = counts.max(initial=0)
+
+
+@numba.njit(cache=True)
+def _below(values, indices, a, b):
+    """Heap order of `top_k`: a smaller value, or the same value at a later latent (which
+    leaves first, so ties keep the earlier latent, as `lax.top_k` does)."""
+    return values[a] < values[b] or (values[a] == values[b] and indices[a] > indices[b])
+
+
+@numba.njit(cache=True)
+def _sift_down(values, indices, size):
+    i = 0
+    while True:
+        child = 2 * i + 1
+        if child >= size:
+            return
+        if child + 1 < size and _below(values, indices, child + 1, child):
+            child += 1
+        if not _below(values, indices, child, i):
+            return
+        values[i], values[child] = values[child], values[i]
+        indices[i], indices[child] = indices[child], indices[i]
+        i = child
+
+
+@numba.njit(parallel=True, cache=True)
+def top_k(scores: np.ndarray, allowed: np.ndarray, slots: np.ndarray) -> None:
+    """Writes into slots[b] the latents of the slots.shape[1] largest scores[b, j] with
+    allowed[j] (ties to the earlier latent), -1 after the last where fewer are allowed.
+
+    A min-heap of the k best so far per row: one pass over the row, and O(log k) work
+    only when a score beats the heap's smallest, a few hundred times a row for k = 32
+    at width 16,384 on scores in random order."""
+    batch, width = scores.shape
+    k = slots.shape[1]
+    for b in numba.prange(batch):
+        values = np.empty(k, np.float32)
+        indices = slots[b]
+        size = 0
+        row = scores[b]
+        for j in range(width):
+            if not allowed[j]:
+                continue
+            value = row[j]
+            if size < k:
+                i = size  # sift up: a new latent is later than all in the heap
+                size += 1
+                values[i] = value
+                indices[i] = j
+                while i > 0:
+                    parent = (i - 1) // 2
+                    if not _below(values, indices, i, parent):
+                        break
+                    values[i], values[parent] = values[parent], values[i]
+                    indices[i], indices[parent] = indices[parent], indices[i]
+                    i = parent
+            elif value > values[0]:
+                values[0] = value
+                indices[0] = j
+                _sift_down(values, indices, size)
+        for i in range(size, k):
+            indices[i] = -1
 
 
 @numba.njit(cache=True)
