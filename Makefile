@@ -15,7 +15,7 @@ LOCK ?= /tmp/gemmascope-$(subst /,_,$(CONFIG)).lock
 CHROMIUM_STAMP := $(VENV)/.chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-slow chaos bench lint harvest train plan sweep resume status clean
+.PHONY: demo test test-slow chaos bench bench-peers lint harvest train plan sweep resume status clean
 .PHONY: cluster-up cluster-down cluster-status submit
 
 $(STAMP): pyproject.toml
@@ -45,7 +45,24 @@ chaos: $(STAMP)
 	$(BIN)/python -m pytest tests/test_chaos.py $(PYTEST_ARGS)
 
 RESULTS ?= benchmarks/results
-bench: $(STAMP)
+# The PyTorch peers live in their own environment (torch's CPU build first, as above).
+PEERS_VENV ?= .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP): benchmarks/peers-requirements.txt
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(PEERS_VENV)/bin/python -m pip install --quiet -r benchmarks/peers-requirements.txt
+	touch $(PEERS_STAMP)
+
+# Our JumpReLU and TopK steps against SAELens' and sparsify's, same shape, same machine.
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	mkdir -p $(RESULTS)
+	$(BIN)/gemmascope bench peers --python $(PEERS_VENV)/bin/python --d-in 2304 --width 16384 --batch 4096 --json \
+		> $(RESULTS)/peers.json
+
+bench: $(STAMP) bench-peers
 	mkdir -p $(RESULTS)
 	$(BIN)/gemmascope bench harvest --json > $(RESULTS)/harvest.json
 	$(BIN)/gemmascope bench loader --json > $(RESULTS)/loader.json
@@ -56,6 +73,8 @@ bench: $(STAMP)
 	$(BIN)/gemmascope bench train-step --d-in 640 --width 4096 --batch 1024 --group 8 --json > $(RESULTS)/train-step-group8.json
 	$(BIN)/gemmascope bench train-step --d-in 2304 --width 16384 --batch 4096 --l0-fraction 0.01 --steps 2 --json \
 		> $(RESULTS)/train-step-sparse.json
+	$(BIN)/gemmascope bench train-step --d-in 2304 --width 16384 --batch 4096 --topk 32 --steps 2 --json \
+		> $(RESULTS)/train-step-sparse-topk.json
 	$(BIN)/gemmascope bench train-step --d-in 2304 --width 65536 --batch 1024 --group 2 --steps 2 --json \
 		> $(RESULTS)/train-step-65k-group2.json
 	$(BIN)/python benchmarks/step_layout.py --d-in 2304 --width 16384 --batch 1024 > $(RESULTS)/step-layout.json

@@ -10,7 +10,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from gemmascope.bench.train_step import _time, step_seconds
+from gemmascope.bench.train_step import best_seconds, step_seconds
 from gemmascope.config import TrainConfig
 from gemmascope.huge_pages import reexec_with_huge_pages
 from gemmascope.train.group import Group, apply_gradients, build_optimizer, init_state
@@ -41,7 +41,7 @@ update = jax.jit(lambda params, opt_state, grads: apply_gradients(optimizer, par
 result = {
     "width": args.width, "matmul_dtype": args.matmul_dtype,
     "step_s": step_seconds(args.d_in, args.width, args.batch, 1, "float32", args.steps, args.matmul_dtype),
-    "loss_and_grads_s": _time(lambda: grad(params), args.steps),
-    "update_s": _time(lambda: update(state.params, state.opt_state, (grads,)), args.steps),
+    "loss_and_grads_s": best_seconds(lambda: grad(params), args.steps),
+    "update_s": best_seconds(lambda: update(state.params, state.opt_state, (grads,)), args.steps),
 }
 print(json.dumps(result))

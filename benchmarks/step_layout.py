@@ -22,7 +22,7 @@ import jax
 import gemmascope.train.arch.wiring as wiring
 import gemmascope.train.group as group_module
 import gemmascope.train.jumprelu as jumprelu
-from gemmascope.bench.train_step import _time
+from gemmascope.bench.train_step import best_seconds
 from gemmascope.config import TrainConfig
 from gemmascope.huge_pages import reexec_with_huge_pages
 from gemmascope.train.group import Group, init_state, make_train_step
@@ -56,7 +56,7 @@ def compare(name: str, group: Group, config: TrainConfig, x, patches: dict, step
     times = {variant: [] for variant in variants}
     for _ in range(rounds):
         for variant, (one_step, _) in variants.items():
-            times[variant].append(_time(one_step, steps))
+            times[variant].append(best_seconds(one_step, steps))
     ours, plain = min(times["ours"]), min(times["plain"])
     return {"what": name, "ours_step_seconds": ours, "plain_step_seconds": plain, "speedup": plain / ours,
             "ours_temp_bytes": variants["ours"][1], "plain_temp_bytes": variants["plain"][1]}

@@ -34,6 +34,13 @@ def glibc_tunables(environ: Mapping[str, str]) -> str | None:
     return f"{current}:{TUNABLE}" if current else TUNABLE
 
 
+def without_huge_pages(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` with the huge-page tunable taken out of GLIBC_TUNABLES (others kept)."""
+    kept = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb=")]
+    plain = {name: value for name, value in environ.items() if name != "GLIBC_TUNABLES"}
+    return {**plain, "GLIBC_TUNABLES": ":".join(kept)} if kept else plain
+
+
 def worker_env() -> dict[str, str]:
     """What a process started for us (a Ray worker) needs in its environment."""
     tunables = glibc_tunables(os.environ) or os.environ.get("GLIBC_TUNABLES")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gemmascope.huge_pages import OPT_OUT, TUNABLE, glibc_tunables
+from gemmascope.huge_pages import OPT_OUT, TUNABLE, glibc_tunables, without_huge_pages
 
 GLIBC = platform.libc_ver()[0] == "glibc" and tuple(map(int, platform.libc_ver()[1].split(".")[:2])) >= (2, 35)
 needs_glibc = pytest.mark.skipif(not GLIBC, reason="glibc >= 2.35 reads glibc.malloc.hugetlb")
@@ -49,6 +49,15 @@ def test_tunables_keep_the_callers_and_are_added_once():
     assert glibc_tunables({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the caller's choice stands
     assert glibc_tunables({"GLIBC_TUNABLES": TUNABLE}) is None
     assert glibc_tunables({OPT_OUT: "0"}) is None
+
+
+def test_a_child_can_be_started_without_the_tunable_keeping_the_others():
+    """What `bench peers` gives a peer on glibc's default malloc."""
+    assert without_huge_pages({"GLIBC_TUNABLES": TUNABLE, "HOME": "/h"}) == {"HOME": "/h"}
+    assert without_huge_pages({"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{TUNABLE}"}) == {
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert without_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2"}) == {
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
 
 
 @needs_glibc

@@ -48,9 +48,10 @@ def add_sae_shape(parser: argparse.ArgumentParser) -> None:
 
 
 def add_benchmarks(commands: argparse._SubParsersAction) -> None:
-    from gemmascope.bench import harvest, loader, summary, train_step
+    from gemmascope.bench import harvest, loader, peers, summary, train_step
 
     harvest.add_parser(commands)
     loader.add_parser(commands)
+    peers.add_parser(commands)
     summary.add_parser(commands)
     train_step.add_parser(commands)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from gemmascope.bench import add_sae_shape, positive_int
-from gemmascope.bench.train_step import _time
+from gemmascope.bench.train_step import best_seconds
 from gemmascope.config import TrainConfig
 from gemmascope.store import ActivationStore
 from gemmascope.store.synthetic import write_store
@@ -83,8 +83,8 @@ def measure(args: argparse.Namespace) -> dict:
 
         memory_times, store_times = [], []
         for _ in range(3):  # alternate, so drift on a noisy machine hits both
-            memory_times.append(_time(from_memory, 1))
-            store_times.append(_time(from_store, 1))
+            memory_times.append(best_seconds(from_memory, 1))
+            store_times.append(best_seconds(from_store, 1))
         live.close()
 
         alone = loader()

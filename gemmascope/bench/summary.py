@@ -56,6 +56,14 @@ def _harvest_rows(r: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _peer_rows(r: dict) -> list[tuple[str, str, str]]:
+    """Our step against each PyTorch trainer's, same shape, same run."""
+    shape = f"({r['d_in']}, {r['width']}, batch {r['batch']}, {r['dtype']}) on {r['devices'][0]}"
+    return [(f"{p['ours']} {shape}: ours against {p['peer']} ({p['peer_library']}, torch {p['torch']})",
+             f"{p['ours_tokens_per_s']:,.0f} vs {p['peer_tokens_per_s']:,.0f} tok/s: {p['speedup']:.2f}x",
+             "> 1x") for p in r["peers"]]
+
+
 def summarise(directory: Path) -> str:
     rows: list[tuple[str, str, str]] = []
     for path in sorted(directory.glob("*.json*")):
@@ -64,10 +72,11 @@ def summarise(directory: Path) -> str:
                 continue
             r = json.loads(line)
             if "sparse_speedup" in r:
-                rows.append((f"sparse step ({r['d_in']}, {r['width']}, batch {r['batch']}) at L0 {r['l0']:.0f} "
+                topk = "TopK " if r.get("architecture") == "topk" else ""
+                rows.append((f"sparse {topk}step ({r['d_in']}, {r['width']}, batch {r['batch']}) at L0 {r['l0']:.0f} "
                              f"({r['l0_fraction']:.1%} of width)",
                              f"{r['sparse_tokens_per_s']:,.0f} vs {r['dense_tokens_per_s']:,.0f} tok/s dense: "
-                             f"{r['sparse_speedup']:.2f}x", ">= 2x"))
+                             f"{r['sparse_speedup']:.2f}x", "documented" if topk else ">= 2x"))
             elif "fraction_of_matmul" in r:
                 rows.extend(_train_rows(path.stem, r))
             elif "store_over_memory" in r:
@@ -79,6 +88,8 @@ def summarise(directory: Path) -> str:
                              "flat"))
             elif "bare_forward_tokens_per_s" in r:
                 rows.extend(_harvest_rows(r))
+            elif "peers" in r:
+                rows.extend(_peer_rows(r))
             elif "comparisons" in r:
                 shape = f"({r['d_in']}, {r['width']}, batch {r['batch']}) on {r['device']}"
                 rows.extend((f"step layout: {c['what']} {shape}",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="the device's peak FLOP/s for MFU (default: known bf16 peaks of H100/H200/A100)")
     parser.add_argument("--l0-fraction", type=fraction, default=None,
                         help="set thresholds for this L0 / width and time the sparse step beside the dense one")
+    parser.add_argument("--topk", type=positive_int, default=None, metavar="K",
+                        help="time a TopK SAE with K latents per row, its sparse step beside its dense one")
     parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--rounds", type=positive_int, default=2,
                         help="alternate the step and its references this many times, keeping the best of each, "
@@ -52,7 +55,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _time(fn, repeats: int) -> float:
+def best_seconds(fn, repeats: int) -> float:
     """Best seconds per call over `repeats` calls (after one warm-up call)."""
     jax.block_until_ready(fn())
     best = float("inf")
@@ -82,11 +85,12 @@ def with_density(state, x: jax.Array, fraction: float):
     return state._replace(params=tuple(params))
 
 
-def step_seconds(d_in: int, width: int, batch: int, group: int, dtype: str, steps: int,
-                 matmul_dtype: str = "float32", l0_fraction: float | None = None, use_sparse: bool = False,
-                 measured: dict | None = None, architecture: str = JUMPRELU, knob: float = 1e-3) -> float:
-    """Best seconds per step of a group of `architecture` SAEs (the i-th with sparsity knob
-    `knob` x i); with `l0_fraction`, at that activity; `measured` receives the last L0."""
+def compiled_step(d_in: int, width: int, batch: int, group: int, dtype: str, matmul_dtype: str = "float32",
+                  l0_fraction: float | None = None, use_sparse: bool = False, architecture: str = JUMPRELU,
+                  knob: float = 1e-3) -> tuple[Callable[[], jax.Array], dict]:
+    """(a thunk running one training step of a group of `architecture` SAEs, the i-th with
+    sparsity knob `knob` x i, on a fixed random batch; the holder of its state and last
+    metrics). With `l0_fraction`, JumpReLU thresholds are set for that activity."""
     config = TrainConfig(tokens=batch * 10**6, batch_size=batch, shuffle_rows=batch, sparsity_warmup_steps=1,
                          matmul_dtype=matmul_dtype)
     members = Group.of(d_in, [(width, knob * (i + 1)) for i in range(group)], [architecture] * group)
@@ -105,7 +109,16 @@ def step_seconds(d_in: int, width: int, batch: int, group: int, dtype: str, step
         holder["state"], holder["metrics"] = step(holder["state"], x)
         return holder["state"].step
 
-    seconds = _time(one_step, steps)
+    return one_step, holder
+
+
+def step_seconds(d_in: int, width: int, batch: int, group: int, dtype: str, steps: int,
+                 matmul_dtype: str = "float32", l0_fraction: float | None = None, use_sparse: bool = False,
+                 measured: dict | None = None, architecture: str = JUMPRELU, knob: float = 1e-3) -> float:
+    """Best seconds per step of `compiled_step`; `measured` receives the last L0."""
+    one_step, holder = compiled_step(d_in, width, batch, group, dtype, matmul_dtype, l0_fraction, use_sparse,
+                                     architecture, knob)
+    seconds = best_seconds(one_step, steps)
     if measured is not None:
         measured["l0"] = float(np.mean(holder["metrics"]["l0"]))
     return seconds
@@ -115,7 +128,7 @@ def matmul_flops_per_s(d_in: int, width: int, batch: int, repeats: int, dtype: s
     x = jax.random.normal(jax.random.key(2), (batch, d_in), jnp.float32).astype(dtype)
     w = jax.random.normal(jax.random.key(3), (d_in, width), jnp.float32).astype(dtype)
     matmul = jax.jit(lambda a, b: a @ b)
-    return 2.0 * batch * d_in * width / _time(lambda: matmul(x, w), repeats)
+    return 2.0 * batch * d_in * width / best_seconds(lambda: matmul(x, w), repeats)
 
 
 def step_matmul_seconds(d_in: int, width: int, batch: int, repeats: int, dtype: str = "float32") -> float:
@@ -135,7 +148,7 @@ def step_matmul_seconds(d_in: int, width: int, batch: int, repeats: int, dtype: 
     total = 0.0
     for fn, operands in shapes:
         compiled = jax.jit(fn)
-        total += _time(lambda compiled=compiled, operands=operands: compiled(*operands), repeats)
+        total += best_seconds(lambda compiled=compiled, operands=operands: compiled(*operands), repeats)
     return total
 
 
@@ -150,19 +163,21 @@ def streaming_bytes_per_s(d_in: int, width: int, repeats: int) -> float:
         holder["state"] = update(holder["state"][0], grad, holder["state"][1])
         return holder["state"]
 
-    return 5 * param.nbytes / _time(one_update, repeats)
+    return 5 * param.nbytes / best_seconds(one_update, repeats)
 
 
 def measure_sparse(args: argparse.Namespace) -> dict:
-    """Dense and sparse steps at the same activity, alternating, best of each."""
+    """Dense and sparse steps at the same activity (JumpReLU at --l0-fraction, or TopK
+    with --topk latents per row), alternating, best of each."""
     dense, sparse, measured = [], [], {}
+    kind = {"architecture": "topk", "knob": float(args.topk)} if args.topk else {"l0_fraction": args.l0_fraction}
     for _ in range(args.rounds):
-        dense.append(step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps,
-                                  l0_fraction=args.l0_fraction))
+        dense.append(step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps, **kind))
         sparse.append(step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps,
-                                   l0_fraction=args.l0_fraction, use_sparse=True, measured=measured))
+                                   use_sparse=True, measured=measured, **kind))
     return {
         "d_in": args.d_in, "width": args.width, "batch": args.batch, "group": args.group,
+        "architecture": "topk" if args.topk else JUMPRELU,
         "devices": [str(d) for d in jax.devices()][:1],
         "l0": measured["l0"], "l0_fraction": measured["l0"] / args.width,
         "dense_step_seconds": min(dense), "sparse_step_seconds": min(sparse),
@@ -172,7 +187,7 @@ def measure_sparse(args: argparse.Namespace) -> dict:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    if args.l0_fraction is not None:
+    if args.l0_fraction is not None or args.topk is not None:
         return measure_sparse(args)
     flops = 10.0 * args.batch * args.d_in * args.width * args.group
     repeats = max(args.steps, 5)
