@@ -1,7 +1,7 @@
-"""The sparse TopK step equals the dense one: the top-k kernel against numpy's stable
-sort, values and gradients (AuxK included) against `jax.value_and_grad` of
-`arch.sae_loss`, whole training steps against the dense steps, and the dense path where
-k does not fit the sparse capacity."""
+"""The sparse TopK and BatchTopK steps equal the dense ones: the selection kernels against
+numpy's stable sort, values and gradients (AuxK included) against `jax.value_and_grad`
+of `arch.sae_loss`, whole training steps against the dense steps, and the dense path
+where the kept latents do not fit the sparse capacity."""
 
 from __future__ import annotations
 
@@ -43,6 +43,42 @@ def test_top_k_kernel_against_numpy(share_allowed):
     assert (slots == -1).any() == (allowed.sum() < 17)
 
 
+def _reference_batch_top_k(pre: np.ndarray, keep: int) -> np.ndarray:
+    """[batch, width] bool: of relu(pre) flattened, the `keep` largest (ties to the
+    earlier position), and of those the positive ones."""
+    activation = np.maximum(pre, 0).ravel()
+    kept = np.zeros(activation.size, bool)
+    kept[np.argsort(-activation, kind="stable")[:keep]] = True
+    return (kept & (activation > 0)).reshape(pre.shape)
+
+
+@pytest.mark.parametrize("keep", [1, 40, 700, 5000, 30000])  # a few, many ties at the cut, more than positive
+def test_batch_top_k_kernel_against_numpy(keep):
+    rng = np.random.default_rng(2)
+    pre = np.round(rng.standard_normal((90, 300)), 1).astype(np.float32)  # coarse values: ties everywhere
+    capacity = 120
+    slots, most = np.full((90, capacity), 12345, np.int32), np.full((), 12345, np.int32)
+    kept_minimum = np.full((), np.nan, np.float32)
+    sparse_kernels.batch_top_k(pre, np.asarray(keep, np.int32), slots, most, kept_minimum)
+    expected = _reference_batch_top_k(pre, keep)
+    assert int(most) == expected.sum(axis=1).max()
+    got = np.zeros_like(expected)
+    for b, row in enumerate(slots):
+        assert (row[:min(int(expected[b].sum()), capacity)] >= 0).all() and (row[expected[b].sum():] == -1).all()
+        got[b, row[row >= 0]] = True
+    overflowing = expected.sum(axis=1) > capacity
+    np.testing.assert_array_equal(got[~overflowing], expected[~overflowing])
+    assert overflowing.any() == (keep == 30000)
+    assert float(kept_minimum) == np.maximum(pre, 0)[expected].min()
+
+
+def test_batch_top_k_with_nothing_positive_keeps_nothing():
+    pre = -np.abs(np.random.default_rng(3).standard_normal((8, 50))).astype(np.float32)
+    slots, most, kept_minimum = np.zeros((8, 5), np.int32), np.zeros((), np.int32), np.zeros((), np.float32)
+    sparse_kernels.batch_top_k(pre, np.asarray(16, np.int32), slots, most, kept_minimum)
+    assert (slots == -1).all() and int(most) == 0 and float(kept_minimum) == np.inf
+
+
 def _params_and_inputs(seed: int = 0):
     keys = jax.random.split(jax.random.key(seed), 4)
     params = arch.init_sae(keys[0], D_IN, WIDTH)
@@ -51,14 +87,20 @@ def _params_and_inputs(seed: int = 0):
     return params, jax.random.normal(keys[3], (BATCH, D_IN))
 
 
+@pytest.mark.parametrize("rule", ["topk", "batchtopk"])
 @pytest.mark.parametrize("dead_share", [0.0, 0.05, 0.5])  # no AuxK, fewer dead than aux_k, more
-def test_values_and_gradients_equal_autodiff(dead_share):
+def test_values_and_gradients_equal_autodiff(rule, dead_share):
     params, x = _params_and_inputs()
     dead = jax.random.uniform(jax.random.key(9), (WIDTH,)) < dead_share
-    rule = arch.TopK(k=K, aux_k=AUX_K, aux_coefficient=0.5)
-    (loss, out), grads = jax.value_and_grad(lambda p: arch.sae_loss(rule, p, x, dead), has_aux=True)(params)
+    if rule == "topk":
+        chosen_rule = arch.TopK(k=K, aux_k=AUX_K, aux_coefficient=0.5)
+        pairs = jax.jit(lambda p: sparse_topk.topk_pairs(p, x, K))
+    else:
+        chosen_rule = arch.BatchTopK(k=K, aux_k=AUX_K, aux_coefficient=0.5)
+        pairs = jax.jit(lambda p: sparse_topk.batch_topk_pairs(p, x, K, WIDTH // 4)[:3])
+    (loss, out), grads = jax.value_and_grad(lambda p: arch.sae_loss(chosen_rule, p, x, dead), has_aux=True)(params)
     got_loss, got, got_grads, terms = jax.jit(
-        lambda p: sparse_topk.value_and_grad(p, x, K, AUX_K, 0.5, dead))(params)
+        lambda p: sparse_topk.value_and_grad(p, x, *pairs(p), AUX_K, 0.5, dead))(params)
     assert (float(terms["auxk"]) > 0) == (dead_share > 0)
     np.testing.assert_allclose(terms["auxk"], out.terms["auxk"], rtol=1e-5)
     np.testing.assert_allclose(got_loss, loss, rtol=1e-5)
@@ -72,13 +114,15 @@ def test_values_and_gradients_equal_autodiff(dead_share):
                                    atol=1e-5 * np.abs(expected).max(), err_msg=field)
 
 
-def test_training_steps_equal_the_dense_steps():
-    """Five steps of a TopK group, some latents dead from the start, with and without the
-    sparse path: the same parameters and metrics, AuxK included."""
+@pytest.mark.parametrize("rule", ["topk", "batchtopk"])
+def test_training_steps_equal_the_dense_steps(rule):
+    """Five steps of a group, some latents dead from the start, with and without the
+    sparse path: the same parameters and metrics, AuxK (and BatchTopK's threshold
+    estimate) included."""
     params, x = _params_and_inputs(1)
     config = TrainConfig(tokens=BATCH * 100, batch_size=BATCH, shuffle_rows=BATCH, lr=1e-3, lr_warmup_steps=0,
-                         aux_k=AUX_K, sparse_max_density=0.05)
-    group = Group.of(D_IN, [(WIDTH, K), (WIDTH, 2 * K)], ["topk", "topk"])
+                         aux_k=AUX_K, sparse_max_density=0.25)
+    group = Group.of(D_IN, [(WIDTH, K), (WIDTH, 2 * K)], [rule, rule])
     state = init_state(group, config, jax.random.key(0))
     never_fired = jnp.where(jnp.arange(WIDTH) % 7 == 0, dead_steps(config), 0).astype(jnp.int32)
     state = state._replace(params=(params, params._replace(b_enc=params.b_enc * 0.5)),
@@ -97,6 +141,9 @@ def test_training_steps_equal_the_dense_steps():
             np.testing.assert_allclose(sparse_terms["auxk"], dense_terms["auxk"], rtol=1e-4)
             auxk.append(float(dense_terms["auxk"]))
     assert auxk[0] > 0 and auxk[1] > 0  # the first step trained the dead latents through AuxK
+    for dense_estimate, sparse_estimate in zip(dense_state.estimates, sparse_state.estimates, strict=True):
+        np.testing.assert_allclose(sparse_estimate.value, dense_estimate.value, rtol=1e-5)
+    assert len(sparse_state.estimates) == (2 if rule == "batchtopk" else 0)
     for dense_p, sparse_p in zip(dense_state.params, sparse_state.params, strict=True):
         for field in ("W_enc", "b_enc", "W_dec", "b_dec"):
             np.testing.assert_allclose(getattr(sparse_p, field), getattr(dense_p, field), rtol=1e-4, atol=1e-6,
@@ -111,3 +158,19 @@ def test_k_beyond_the_sparse_capacity_takes_the_dense_step():
     _, metrics = jax.jit(make_train_step(group, config, scale=1.0, use_sparse=True))(state, _params_and_inputs()[1])
     assert metrics["sparse_step"].tolist() == [True, False]
     np.testing.assert_allclose(metrics["l0"], [fits, too_many], rtol=0.05)
+
+
+def test_a_batch_whose_busiest_row_overflows_takes_the_dense_batchtopk_step():
+    """BatchTopK rows keep k on average; a row keeping more than the capacity sends the
+    batch down the dense path, whose metrics the sparse path would have matched."""
+    params, x = _params_and_inputs(2)
+    x = x.at[0].multiply(30.0)  # one loud row takes most of the batch's budget
+    config = TrainConfig(tokens=BATCH * 100, batch_size=BATCH, shuffle_rows=BATCH, sparse_max_density=0.05)
+    group = Group.of(D_IN, [(WIDTH, K)], ["batchtopk"])
+    state = init_state(group, config, jax.random.key(0))._replace(params=(params,))
+    _, chosen, _, most, _ = sparse_topk.batch_topk_pairs(params, x, K, 12)
+    assert int(most) > 12  # the capacity of width 256 at 5%
+    _, sparse_metrics = jax.jit(make_train_step(group, config, scale=1.0, use_sparse=True))(state, x)
+    _, dense_metrics = jax.jit(make_train_step(group, config, scale=1.0))(state, x)
+    assert not sparse_metrics["sparse_step"].any()
+    np.testing.assert_allclose(sparse_metrics["loss"], dense_metrics["loss"], rtol=1e-6)

@@ -180,7 +180,8 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
     activity allows); the others, and every transcoder, differentiate their wiring's loss
     (`arch.sae_loss`, `arch.transcoder_loss`), with the latents unfired for
     train.dead_window_tokens as AuxK's dead mask. With `use_sparse`, a TopK SAE whose k fits
-    train.sparse_max_density x width takes the sparse TopK step (`sparse_topk`).
+    train.sparse_max_density x width takes the sparse TopK step (`sparse_topk`), and a
+    BatchTopK SAE the sparse BatchTopK step whenever its busiest row fits.
     """
     dead_after = dead_steps(config)
 
@@ -190,10 +191,21 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
         return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired, took, {})
 
     def topk_step(params, x, knob, dead) -> MemberStep:
-        _, out, grads, terms = sparse_topk.value_and_grad(params, x, int(knob), config.aux_k, config.aux_coefficient,
-                                                          dead)
+        pre, chosen, f_k = sparse_topk.topk_pairs(params, x, int(knob))
+        return sparse_member(params, x, pre, chosen, f_k, dead, {})
+
+    def batchtopk_step(params, x, knob, width, lam, dead) -> MemberStep:
+        capacity = sparse.capacity(width, config)
+        pre, chosen, f_k, most, kept_minimum = sparse_topk.batch_topk_pairs(params, x, int(knob), capacity)
+        return jax.lax.cond(most <= capacity,
+                            lambda: sparse_member(params, x, pre, chosen, f_k, dead, {"kept_minimum": kept_minimum}),
+                            lambda: rule_step(params, x, x, knob, width, lam, "batchtopk", dead))
+
+    def sparse_member(params, x, pre, chosen, f_k, dead, terms) -> MemberStep:
+        _, out, grads, aux_terms = sparse_topk.value_and_grad(params, x, pre, chosen, f_k, config.aux_k,
+                                                              config.aux_coefficient, dead)
         return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired,
-                          jnp.ones((), bool), terms)
+                          jnp.ones((), bool), {**aux_terms, **terms})
 
     def rule_step(params, x, y, knob, width, lam, architecture, dead) -> MemberStep:
         chosen = rule(architecture, knob, width, config, lam)
@@ -214,6 +226,8 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
             elif (use_sparse and architecture == "topk" and not group.transcoder
                   and int(knob) <= sparse.capacity(width, config)):
                 results.append(topk_step(p, x, knob, count >= dead_after))
+            elif use_sparse and architecture == "batchtopk" and not group.transcoder:
+                results.append(batchtopk_step(p, x, knob, width, lam, count >= dead_after))
             else:
                 results.append(rule_step(p, x, y, knob, width, lam, architecture, count >= dead_after))
         return results

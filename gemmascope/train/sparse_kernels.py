@@ -9,6 +9,7 @@ written as a scatter-add slower than the dense matmul, hence these kernels:
 
 - `select`:   each row's pairs, and the most pairs in any row
 - `top_k`:    each row's k largest scores among allowed latents (TopK and AuxK's pairs)
+- `batch_top_k`: the pairs of the batch's n largest positive activations (BatchTopK)
 - `decode`:   out[b] = sum_k values[b, k] * table[slots[b, k]]
 - `backward`: each pair's latent gradient errors[b] . table[slots[b, k]], and both
   weight gradients, latents^T errors and inputs^T latent gradients
@@ -114,6 +115,123 @@ def top_k(scores: np.ndarray, allowed: np.ndarray, slots: np.ndarray) -> None:
                 _sift_down(values, indices, size)
         for i in range(size, k):
             indices[i] = -1
+
+
+RADIX = 16  # bits of a float32's key resolved per histogram pass of batch_top_k
+
+
+@numba.njit(cache=True)
+def _key(bits) -> np.int64:
+    """An order-preserving integer key of relu(value) from value's float32 bits viewed as
+    int32: the bits themselves for a positive value, 0 for zero and negative ones (whose
+    sign bit makes the int32 negative)."""
+    return np.int64(bits) if bits > 0 else np.int64(0)
+
+
+@numba.njit(parallel=True, cache=True)
+def _key_histogram(bits, high, shift, parts):
+    """Histogram of (key >> shift) & 0xFFFF over the keys whose higher bits are `high`
+    (every key when shift is 16), counted per task and summed."""
+    batch, width = bits.shape
+    counts = np.zeros((parts, 1 << RADIX), np.int64)
+    for t in numba.prange(parts):
+        for b in range(t * batch // parts, (t + 1) * batch // parts):
+            for j in range(width):
+                key = _key(bits[b, j])
+                if shift == 0 and key >> RADIX != high:
+                    continue
+                counts[t, (key >> shift) & 0xFFFF] += 1
+    return counts.sum(axis=0)
+
+
+@numba.njit(cache=True)
+def _bin_of_rank(histogram, wanted):
+    """(the bin holding the `wanted`-th largest key, how many keys lie in higher bins)."""
+    above = 0
+    for value in range(histogram.size - 1, -1, -1):
+        if above + histogram[value] >= wanted:
+            return value, above
+        above += histogram[value]
+    return 0, above
+
+
+@numba.njit(parallel=True, cache=True)
+def _batch_slots(bits, threshold, tie_budget, slots, counts):
+    batch, width = bits.shape
+    capacity = slots.shape[1]
+    for b in numba.prange(batch):
+        count = 0
+        ties = tie_budget[b]
+        for j in range(width):
+            key = _key(bits[b, j])
+            if key > threshold or (key == threshold and ties > 0 and key > 0):
+                if key == threshold:
+                    ties -= 1
+                if count < capacity:
+                    slots[b, count] = j
+                count += 1
+        for k in range(min(count, capacity), capacity):
+            slots[b, k] = -1
+        counts[b] = count
+
+
+@numba.njit(parallel=True, cache=True)
+def _tie_counts(bits, threshold):
+    batch, width = bits.shape
+    ties = np.zeros(batch, np.int64)
+    for b in numba.prange(batch):
+        for j in range(width):
+            if _key(bits[b, j]) == threshold:
+                ties[b] += 1
+    return ties
+
+
+@numba.njit(parallel=True, cache=True)
+def _smallest_positive(pre):
+    batch, width = pre.shape
+    smallest = np.full(batch, np.inf, np.float32)
+    for b in numba.prange(batch):
+        for j in range(width):
+            value = pre[b, j]
+            if 0 < value < smallest[b]:
+                smallest[b] = value
+    return smallest.min()
+
+
+def batch_top_k(pre: np.ndarray, keep: np.ndarray, slots: np.ndarray, most: np.ndarray,
+                kept_minimum: np.ndarray) -> None:
+    """The batch rule of BatchTopK: of relu(pre) over the whole batch, the `keep` largest
+    (ties to the earlier row and latent, as `lax.top_k` of the flattened batch), and of
+    those the positive ones, as each row's pairs: written into `slots` as `select` does
+    (its first slots.shape[1] latents, -1 after; `most` the largest count of any row,
+    which may exceed the capacity); `kept_minimum` the smallest kept activation (inf
+    when none is positive).
+
+    The keep-th largest value is found exactly by a radix select on the float bits of
+    relu(pre), which order as integers: one histogram of the high 16 bits over the
+    batch, one of the low 16 within the chosen high bin, then one pass listing the pairs.
+    """
+    wanted = int(keep[()])
+    bits = pre.view(np.int32)
+    parts = max(1, min(pre.shape[0], 4 * numba.get_num_threads()))
+    high, above = _bin_of_rank(_key_histogram(bits, 0, RADIX, parts), wanted)
+    lows = _key_histogram(bits, high, 0, parts)
+    low, above_low = _bin_of_rank(lows, wanted - above)
+    threshold = (high << RADIX) | low
+    if threshold > 0:
+        needed = wanted - above - above_low  # of the keys equal to the threshold, in row order
+        if lows[low] > needed:  # some ties are left out: each row's share, in row order
+            ties = _tie_counts(bits, threshold)
+            budget = np.clip(needed - (np.cumsum(ties) - ties), 0, ties)
+        else:  # every one is kept (the usual case): no counting pass
+            budget = np.full(pre.shape[0], pre.shape[1], np.int64)
+        kept_minimum[()] = np.array(threshold, np.int32).view(np.float32)
+    else:  # fewer positive activations than `keep`: every one is kept
+        budget = np.zeros(pre.shape[0], np.int64)
+        kept_minimum[()] = _smallest_positive(pre)
+    counts = np.empty(pre.shape[0], np.int64)
+    _batch_slots(bits, threshold, budget, slots, counts)
+    most[()] = counts.max(initial=0)
 
 
 @numba.njit(cache=True)

@@ -1,14 +1,19 @@
-"""The sparse TopK training step: every pass but the encoder matmul in proportion to k.
+"""The sparse TopK and BatchTopK training steps: every pass but the encoder matmul in
+proportion to the kept latents.
 
-A TopK SAE (`arch.TopK`) keeps exactly k latents per row, so after the dense encoder
-matmul the step is a sparse one by construction: the k (row, latent) pairs of each row
-(`sparse_kernels.top_k`) drive the decoder pass, the latent gradients and both weight
-gradients through the kernels of the sparse JumpReLU step. AuxK's pairs, the top aux_k
-pre-activations of each row among the dead latents, go through the same kernels: the
-backward pass walks the main rows and the auxiliary rows (each with its own error) as
-one list, so both weight gradients are written once. When no latent is dead the
-auxiliary half is skipped (`lax.cond`). Values and gradients equal
-`jax.value_and_grad` of `arch.sae_loss` (tests/test_sparse_topk.py).
+A TopK SAE (`arch.TopK`) keeps exactly k latents per row, and a BatchTopK SAE
+(`arch.BatchTopK`) the batch's B x k largest activations, k per row on average; after
+the dense encoder matmul either step is a sparse one by construction. The kept (row,
+latent) pairs (`sparse_kernels.top_k`, `sparse_kernels.batch_top_k`) drive the decoder
+pass, the latent gradients and both weight gradients through the kernels of the sparse
+JumpReLU step. AuxK's pairs, the top aux_k pre-activations of each row among the dead
+latents, go through the same kernels: the backward pass walks the main rows and the
+auxiliary rows (each with its own error) as one list, so both weight gradients are
+written once. When no latent is dead the auxiliary half is skipped (`lax.cond`).
+
+A BatchTopK row may keep more latents than k; the group step takes the dense path for a
+batch whose busiest row overflows the sparse capacity, as for JumpReLU. Values and
+gradients equal `jax.value_and_grad` of `arch.sae_loss` (tests/test_sparse_topk.py).
 """
 
 from __future__ import annotations
@@ -21,14 +26,33 @@ from gemmascope.train.jumprelu import Outputs, encode_pre_matmul
 from gemmascope.train.sparse import run_kernel
 
 
-def value_and_grad(params: Params, x: jax.Array, k: int, aux_k: int, aux_coefficient: float,
-                   dead: jax.Array) -> tuple[jax.Array, Outputs, Params, dict[str, jax.Array]]:
-    """(loss, diagnostics, gradients, {"auxk": the AuxK term}) of a TopK SAE on normalised
-    x [batch, d_in], with `dead` [width] the latents AuxK may use."""
+def topk_pairs(params: Params, x: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(pre-activations, [batch, k] each row's k largest, their latents relu(pre))."""
+    pre = encode_pre_matmul(params, x, "float32")
+    return (pre, *_row_pairs(pre, jnp.ones(pre.shape[1:], bool), k))
+
+
+def batch_topk_pairs(params: Params, x: jax.Array, k: int, capacity: int
+                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(pre-activations, [batch, capacity] each row's kept latents under the batch rule,
+    -1 after its last, their latents relu(pre), the most any row keeps (which may exceed
+    the capacity), the smallest kept activation)."""
+    pre = encode_pre_matmul(params, x, "float32")
+    batch = pre.shape[0]
+    chosen, most, kept_minimum = run_kernel(
+        "batch_top_k", [jax.ShapeDtypeStruct((batch, capacity), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
+                        jax.ShapeDtypeStruct((), jnp.float32)], pre, jnp.asarray(batch * k, jnp.int32))
+    return pre, chosen, _values(pre, chosen), most, kept_minimum
+
+
+def value_and_grad(params: Params, x: jax.Array, pre: jax.Array, chosen: jax.Array, f_k: jax.Array, aux_k: int,
+                   aux_coefficient: float, dead: jax.Array) -> tuple[jax.Array, Outputs, Params, dict[str, jax.Array]]:
+    """(loss, diagnostics, gradients, {"auxk": the AuxK term}) of an SAE on normalised x
+    [batch, d_in] whose kept latents are `chosen` [batch, slots] (-1 in empty slots)
+    with values `f_k` (0 there), with `dead` [width] the latents AuxK may use."""
     batch, d_in = x.shape
     width = params.b_enc.shape[0]
-    pre = encode_pre_matmul(params, x, "float32")
-    chosen, f_k = _pairs(pre, jnp.ones((width,), bool), k)
+    slots = chosen.shape[1]
     rows = jax.ShapeDtypeStruct((batch, d_in), jnp.float32)
     diff = run_kernel("decode", [rows], chosen, f_k, params.W_dec)[0] + params.b_dec - x
     error = jnp.sum(diff * diff, axis=-1)
@@ -39,28 +63,30 @@ def value_and_grad(params: Params, x: jax.Array, k: int, aux_k: int, aux_coeffic
     aux_slots = min(aux_k, width)
 
     def without_aux():
-        dots, d_W_dec, d_W_enc = run_kernel("backward", [jax.ShapeDtypeStruct((batch, k), jnp.float32), *weight_grads],
+        dots, d_W_dec, d_W_enc = run_kernel("backward", [jax.ShapeDtypeStruct((batch, slots), jnp.float32),
+                                                         *weight_grads],
                                             chosen, f_k, g_xhat, inputs, params.W_dec)
         return (jnp.zeros((), jnp.float32), dots, jnp.full((batch, aux_slots), -1, jnp.int32),
                 jnp.zeros((batch, aux_slots), jnp.float32), jnp.zeros((batch, aux_slots), jnp.float32),
                 d_W_dec, d_W_enc)
 
     def with_aux():
-        aux_chosen, f_aux = _pairs(pre, dead, aux_slots)
+        aux_chosen, f_aux = _row_pairs(pre, dead, aux_slots)
         e_hat = run_kernel("decode", [rows], aux_chosen, f_aux, params.W_dec)[0]
         aux_diff = e_hat + diff  # e_hat - (x - x_hat), the residual held constant
         aux = jnp.mean(jnp.sum(aux_diff * aux_diff, axis=-1))
-        capacity = max(k, aux_slots)
-        slots = jnp.concatenate([_widen(chosen, capacity, -1), _widen(aux_chosen, capacity, -1)])
+        capacity = max(slots, aux_slots)
+        both = jnp.concatenate([_widen(chosen, capacity, -1), _widen(aux_chosen, capacity, -1)])
         latents = jnp.concatenate([_widen(f_k, capacity, 0.0), _widen(f_aux, capacity, 0.0)])
         errors = jnp.concatenate([g_xhat, (2.0 * aux_coefficient / batch) * aux_diff])
         dots, d_W_dec, d_W_enc = run_kernel(
             "backward", [jax.ShapeDtypeStruct((2 * batch, capacity), jnp.float32), *weight_grads],
-            slots, latents, errors, jnp.concatenate([inputs, inputs]), params.W_dec)
-        return aux, dots[:batch, :k], aux_chosen, f_aux, dots[batch:, :aux_slots], d_W_dec, d_W_enc
+            both, latents, errors, jnp.concatenate([inputs, inputs]), params.W_dec)
+        return aux, dots[:batch, :slots], aux_chosen, f_aux, dots[batch:, :aux_slots], d_W_dec, d_W_enc
 
     aux, dots, aux_chosen, f_aux, aux_dots, d_W_dec, d_W_enc = jax.lax.cond(jnp.any(dead), with_aux, without_aux)
-    d_b_enc = (jnp.zeros((width,), jnp.float32).at[chosen].add(jnp.where(f_k > 0, dots, 0.0))
+    index = jnp.maximum(chosen, 0)  # empty slots add 0 to latent 0
+    d_b_enc = (jnp.zeros((width,), jnp.float32).at[index].add(jnp.where(f_k > 0, dots, 0.0))
                .at[jnp.maximum(aux_chosen, 0)].add(jnp.where(f_aux > 0, aux_dots, 0.0)))
     grads = params._replace(W_enc=d_W_enc, b_enc=d_b_enc, W_dec=d_W_dec,
                             b_dec=jnp.sum(g_xhat, axis=0) - params.W_enc @ d_b_enc)
@@ -68,16 +94,21 @@ def value_and_grad(params: Params, x: jax.Array, k: int, aux_k: int, aux_coeffic
     active = f_k > 0
     centred = x - jnp.mean(x, axis=0)
     outputs = Outputs(loss, mse, jnp.sum(active, dtype=jnp.float32) / batch,
-                      jnp.zeros((width,), bool).at[chosen].max(active), jnp.sum(centred**2), jnp.sum(error))
+                      jnp.zeros((width,), bool).at[index].max(active), jnp.sum(centred**2), jnp.sum(error))
     return loss, outputs, grads, {"auxk": aux}
 
 
-def _pairs(pre: jax.Array, allowed: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def _row_pairs(pre: jax.Array, allowed: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """([batch, k] each row's k largest pre-activations among `allowed` latents, -1 where
     fewer are allowed; their latents relu(pre), 0 in empty slots)."""
     chosen = run_kernel("top_k", [jax.ShapeDtypeStruct((pre.shape[0], k), jnp.int32)], pre, allowed)[0]
+    return chosen, _values(pre, chosen)
+
+
+def _values(pre: jax.Array, chosen: jax.Array) -> jax.Array:
+    """relu(pre) at the chosen latents, 0 in empty slots."""
     values = jnp.take_along_axis(pre, jnp.maximum(chosen, 0), axis=1)
-    return chosen, jnp.where(chosen >= 0, jax.nn.relu(values), 0.0)
+    return jnp.where(chosen >= 0, jax.nn.relu(values), 0.0)
 
 
 def _widen(array: jax.Array, columns: int, fill) -> jax.Array:
