@@ -39,9 +39,10 @@ def test_the_sparse_comparison_reaches_its_activity():
     assert result["sparse_speedup"] == pytest.approx(result["dense_step_seconds"] / result["sparse_step_seconds"])
 
 
-def test_the_topk_comparison_times_both_paths_of_a_topk_sae():
-    result = measure(parse("--topk", "4", "--rounds", "1"))
-    assert result["architecture"] == "topk" and 3 <= result["l0"] <= 4
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_the_topk_comparisons_time_both_paths(architecture):
+    result = measure(parse(f"--{architecture}", "4", "--rounds", "1"))
+    assert result["architecture"] == architecture and 3 <= result["l0"] <= 4
     assert result["sparse_speedup"] == pytest.approx(result["dense_step_seconds"] / result["sparse_step_seconds"])
 
 

@@ -14,7 +14,8 @@ better figure counts:
 - JumpReLU at initialisation (every latent near its threshold: our dense path) and at
   L0 = --l0-fraction of the width (thresholds at each latent's quantile, on both sides:
   our sparse path), against SAELens' JumpReLU SAE;
-- TopK with --k latents per row, against SAELens' and sparsify's TopK SAEs.
+- TopK with --k latents per row, against SAELens' and sparsify's TopK SAEs;
+- BatchTopK keeping --k latents per row on average, against SAELens' BatchTopK SAE.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def comparisons(args: argparse.Namespace) -> list[Comparison]:
         Comparison(f"JumpReLU at L0 {args.l0_fraction:.0%} of width", "jumprelu", 1e-3, args.l0_fraction,
                    ("saelens-jumprelu",)),
         Comparison(f"TopK, k {args.k}", "topk", float(args.k), None, ("saelens-topk", "sparsify-topk")),
+        Comparison(f"BatchTopK, k {args.k}", "batchtopk", float(args.k), None, ("saelens-batchtopk",)),
     ]
 
 

@@ -45,8 +45,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="the device's peak FLOP/s for MFU (default: known bf16 peaks of H100/H200/A100)")
     parser.add_argument("--l0-fraction", type=fraction, default=None,
                         help="set thresholds for this L0 / width and time the sparse step beside the dense one")
-    parser.add_argument("--topk", type=positive_int, default=None, metavar="K",
-                        help="time a TopK SAE with K latents per row, its sparse step beside its dense one")
+    kept = parser.add_mutually_exclusive_group()
+    kept.add_argument("--topk", type=positive_int, default=None, metavar="K",
+                      help="time a TopK SAE with K latents per row, its sparse step beside its dense one")
+    kept.add_argument("--batchtopk", type=positive_int, default=None, metavar="K",
+                      help="the same for a BatchTopK SAE keeping K latents per row on average")
     parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--rounds", type=positive_int, default=2,
                         help="alternate the step and its references this many times, keeping the best of each, "
@@ -167,17 +170,19 @@ def streaming_bytes_per_s(d_in: int, width: int, repeats: int) -> float:
 
 
 def measure_sparse(args: argparse.Namespace) -> dict:
-    """Dense and sparse steps at the same activity (JumpReLU at --l0-fraction, or TopK
-    with --topk latents per row), alternating, best of each."""
+    """Dense and sparse steps at the same activity (JumpReLU at --l0-fraction, or TopK and
+    BatchTopK with --topk and --batchtopk latents per row), alternating, best of each."""
     dense, sparse, measured = [], [], {}
-    kind = {"architecture": "topk", "knob": float(args.topk)} if args.topk else {"l0_fraction": args.l0_fraction}
+    architecture = "topk" if args.topk else "batchtopk" if args.batchtopk else JUMPRELU
+    kind = ({"l0_fraction": args.l0_fraction} if architecture == JUMPRELU
+            else {"architecture": architecture, "knob": float(args.topk or args.batchtopk)})
     for _ in range(args.rounds):
         dense.append(step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps, **kind))
         sparse.append(step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps,
                                    use_sparse=True, measured=measured, **kind))
     return {
         "d_in": args.d_in, "width": args.width, "batch": args.batch, "group": args.group,
-        "architecture": "topk" if args.topk else JUMPRELU,
+        "architecture": architecture,
         "devices": [str(d) for d in jax.devices()][:1],
         "l0": measured["l0"], "l0_fraction": measured["l0"] / args.width,
         "dense_step_seconds": min(dense), "sparse_step_seconds": min(sparse),
@@ -187,7 +192,7 @@ def measure_sparse(args: argparse.Namespace) -> dict:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    if args.l0_fraction is not None or args.topk is not None:
+    if args.l0_fraction is not None or args.topk is not None or args.batchtopk is not None:
         return measure_sparse(args)
     flops = 10.0 * args.batch * args.d_in * args.width * args.group
     repeats = max(args.steps, 5)
