@@ -30,20 +30,32 @@ CHUNK = 1024  # rows per chunk: 1024 x 2304 float32 = 9.4 MB, inside a 32 MB L3
 BLOCK = 16  # latents per task of backward: one 64-byte cache line of an encoder-gradient row
 
 
+@numba.njit(cache=True)
+def _listed(row, count, latent):
+    """A row's slots after its count-th latent: stored while the row has room, counted
+    either way (the caller learns that the row overflowed); the new count."""
+    if count < row.size:
+        row[count] = latent
+    return count + 1
+
+
+@numba.njit(cache=True)
+def _closed(row, count):
+    """-1 in the slots after the row's last latent; the count."""
+    for k in range(min(count, row.size), row.size):
+        row[k] = -1
+    return count
+
+
 @numba.njit(parallel=True, cache=True)
 def _select(pre, floor, slots, counts):
     batch, width = pre.shape
-    capacity = slots.shape[1]
     for b in numba.prange(batch):
         count = 0
         for j in range(width):
             if pre[b, j] > floor[j]:
-                if count < capacity:
-                    slots[b, count] = j
-                count += 1
-        for k in range(min(count, capacity), capacity):
-            slots[b, k] = -1
-        counts[b] = count
+                count = _listed(slots[b], count, j)
+        counts[b] = _closed(slots[b], count)
 
 
 def select(pre: np.ndarray, floor: np.ndarray, slots: np.ndarray, most: np.ndarray) -> None:
@@ -158,7 +170,6 @@ def _bin_of_rank(histogram, wanted):
 @numba.njit(parallel=True, cache=True)
 def _batch_slots(bits, threshold, tie_budget, slots, counts):
     batch, width = bits.shape
-    capacity = slots.shape[1]
     for b in numba.prange(batch):
         count = 0
         ties = tie_budget[b]
@@ -167,12 +178,8 @@ def _batch_slots(bits, threshold, tie_budget, slots, counts):
             if key > threshold or (key == threshold and ties > 0 and key > 0):
                 if key == threshold:
                     ties -= 1
-                if count < capacity:
-                    slots[b, count] = j
-                count += 1
-        for k in range(min(count, capacity), capacity):
-            slots[b, k] = -1
-        counts[b] = count
+                count = _listed(slots[b], count, j)
+        counts[b] = _closed(slots[b], count)
 
 
 @numba.njit(parallel=True, cache=True)
