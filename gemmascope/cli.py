@@ -74,6 +74,15 @@ class MachineFailureEchoes(logging.Filter):
             for handler in handlers:
                 handler.removeFilter(self)
 
+    def stay_until_exit(self) -> None:
+        """After the command failed on a refused write: keep echoes to one line until the
+        process ends (asyncio reports unretrieved write tasks when they are collected,
+        which may be after the command returned)."""
+        self.failed = True
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self)
+        sys.unraisablehook = self.unraisable
+
     def filter(self, record: logging.LogRecord) -> bool:
         failure = record.exc_info[1] if record.exc_info else None
         message = environment_failure(failure) if failure is not None else None
@@ -81,15 +90,25 @@ class MachineFailureEchoes(logging.Filter):
             self.failed = True
             record.msg, record.args = f"a background write failed: {one_line(message)}", ()
             record.exc_info, record.exc_text = None, None
+        elif failure is not None and (self.failed or _closed_loop(failure)):
+            record.msg, record.args = f"after the failed write: {type(failure).__name__}: {one_line(str(failure))}", ()
+            record.exc_info, record.exc_text = None, None
         return True
 
     def unraisable(self, info) -> None:
-        """sys.unraisablehook."""
-        if not self.failed:
+        """sys.unraisablehook. A pending write calling back into the event loop the failure
+        closed is an echo even when it comes before the failure's own record (the two
+        happen on different threads)."""
+        if not (self.failed or _closed_loop(info.exc_value)):
             self.previous_hook(info)
             return
         logging.getLogger("gemmascope").warning("after the failed write: %s: %s",
                                                 type(info.exc_value).__name__, info.exc_value)
+
+
+def _closed_loop(error: BaseException | None) -> bool:
+    """asyncio's refusal to schedule onto a closed event loop."""
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
 def _ray_address(args: argparse.Namespace) -> str | None:
@@ -299,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if late:
         args.overrides = [*args.overrides, *late]
+    echoes = MachineFailureEchoes()
     try:
-        with MachineFailureEchoes().installed():
+        with echoes.installed():
             args.run(args)
     except UserError as err:
         print(f"gemmascope: error: {one_line(str(err))}", file=sys.stderr)
@@ -309,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         message = environment_failure(err)
         if message is None:
             raise
+        if argv is None:  # the process ends with this command
+            echoes.stay_until_exit()
         print(f"gemmascope: error: {one_line(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

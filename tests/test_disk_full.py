@@ -14,13 +14,16 @@ limits the driver, which writes the ledger; training and export write in-process
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from gemmascope.cli import MachineFailureEchoes
 from gemmascope.train.checkpoints import Checkpoints
 from tests.harvest_helpers import GEMMASCOPE, ROOT, snapshot
 from tests.train_helpers import gaussian_store, load_params, small_config, write_yaml
@@ -167,3 +170,22 @@ def test_harvest_ledger_past_the_limit_keeps_committed_units(ray_address, tmp_pa
     rerun = gemmascope(*args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert snapshot(str(run_dir)) == snapshot(str(reference))
+
+
+def test_a_closed_event_loop_is_an_echo_even_before_the_failure_is_logged(caplog):
+    """TensorStore's pending writes may call back into the closed event loop before the
+    writer thread's failure reaches the log: one line then too; anything else ignored
+    before a failure keeps Python's own report."""
+    echoes, reported = MachineFailureEchoes(), []
+    echoes.previous_hook = reported.append
+    closed = SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = SimpleNamespace(exc_value=ValueError("unrelated"))
+    with caplog.at_level(logging.WARNING, logger="gemmascope"):
+        echoes.unraisable(closed)
+        echoes.unraisable(other)
+    assert reported == [other]
+    assert caplog.messages == ["after the failed write: RuntimeError: Event loop is closed"]
+    record = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "exception in callback", (),
+                               (RuntimeError, closed.exc_value, None))
+    assert echoes.filter(record) and record.exc_info is None
+    assert record.getMessage() == "after the failed write: RuntimeError: Event loop is closed"
