@@ -62,11 +62,7 @@ class MachineFailureEchoes(logging.Filter):
     @contextlib.contextmanager
     def installed(self):
         """On the root logger's handlers and as sys.unraisablehook while a command runs."""
-        handlers = list(logging.getLogger().handlers)
-        self.previous_hook = sys.unraisablehook
-        for handler in handlers:
-            handler.addFilter(self)
-        sys.unraisablehook = self.unraisable
+        handlers = self._install()
         try:
             yield
         finally:
@@ -79,9 +75,16 @@ class MachineFailureEchoes(logging.Filter):
         process ends (asyncio reports unretrieved write tasks when they are collected,
         which may be after the command returned)."""
         self.failed = True
-        for handler in logging.getLogger().handlers:
+        self._install()
+
+    def _install(self) -> list[logging.Handler]:
+        """On the root logger's handlers (returned) and as sys.unraisablehook."""
+        handlers = list(logging.getLogger().handlers)
+        self.previous_hook = sys.unraisablehook
+        for handler in handlers:
             handler.addFilter(self)
         sys.unraisablehook = self.unraisable
+        return handlers
 
     def filter(self, record: logging.LogRecord) -> bool:
         failure = record.exc_info[1] if record.exc_info else None
@@ -91,7 +94,7 @@ class MachineFailureEchoes(logging.Filter):
             record.msg, record.args = f"a background write failed: {one_line(message)}", ()
             record.exc_info, record.exc_text = None, None
         elif failure is not None and (self.failed or _closed_loop(failure)):
-            record.msg, record.args = f"after the failed write: {type(failure).__name__}: {one_line(str(failure))}", ()
+            record.msg, record.args = _echo(failure), ()
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -102,8 +105,12 @@ class MachineFailureEchoes(logging.Filter):
         if not (self.failed or _closed_loop(info.exc_value)):
             self.previous_hook(info)
             return
-        logging.getLogger("gemmascope").warning("after the failed write: %s: %s",
-                                                type(info.exc_value).__name__, info.exc_value)
+        logging.getLogger("gemmascope").warning("%s", _echo(info.exc_value))
+
+
+def _echo(error: BaseException) -> str:
+    """One line for an exception that follows a refused write."""
+    return f"after the failed write: {type(error).__name__}: {one_line(str(error))}"
 
 
 def _closed_loop(error: BaseException | None) -> bool:
