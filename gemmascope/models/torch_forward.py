@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from gemmascope.config import ModelConfig
+from gemmascope.models.backends import KeptRows
 from gemmascope.models.capture import ActivationCapture, bare_forward
 from gemmascope.models.loading import LoadedModel, load_model
 from gemmascope.models.sites import Key
@@ -26,7 +27,7 @@ class TorchForward:
         self._captures: dict[tuple[Key, ...], ActivationCapture] = {}
 
     def launch(self, input_ids: np.ndarray, keys: tuple[Key, ...], flat_rows: np.ndarray,
-               store_dtype: str) -> dict[Key, np.ndarray]:
+               store_dtype: str) -> dict[Key, KeptRows]:
         """Runs the forward to the end (the hooks gather `flat_rows` on the device)."""
         capture = self._captures.get(keys) or self._captures.setdefault(keys, ActivationCapture(self.loaded, keys))
         flat = torch.from_numpy(flat_rows).to(self.loaded.device)
@@ -36,14 +37,14 @@ class TorchForward:
             return t.reshape(-1, t.shape[-1]).index_select(0, flat).to(dtype)
 
         captured = capture(torch.from_numpy(input_ids.astype(np.int64)), transform=gather)
-        return {key: _to_numpy(tensor) for key, tensor in captured.items()}
+        return {key: KeptRows(_to_numpy(tensor)) for key, tensor in captured.items()}
 
-    def collect(self, pending: dict[Key, np.ndarray]) -> dict[Key, np.ndarray]:
+    def collect(self, pending: dict[Key, KeptRows]) -> dict[Key, KeptRows]:
         return pending
 
     def capture(self, input_ids: np.ndarray, keys: tuple[Key, ...], flat_rows: np.ndarray,
                 store_dtype: str) -> dict[Key, np.ndarray]:
-        return self.launch(input_ids, keys, flat_rows, store_dtype)
+        return {key: rows.positions for key, rows in self.launch(input_ids, keys, flat_rows, store_dtype).items()}
 
     def bare_forward(self, input_ids: np.ndarray) -> None:
         bare_forward(self.loaded, torch.from_numpy(input_ids.astype(np.int64)))

@@ -2,7 +2,10 @@
 
 A unit streams rows in order; the writer buffers exactly one storage shard and writes
 it whole (a partial shard write would rewrite the shard object each time), keeping at
-most two writes in flight so the next forward pass overlaps the I/O.
+most two writes in flight so the next forward pass overlaps the I/O. Kept positions are
+gathered straight into the shard buffer, and TensorStore writes from that buffer without
+copying it (a fresh one per shard, never touched again), so a row crosses host memory
+once on its way from the forward's output to the file.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import deque
+from typing import TYPE_CHECKING
 
 import google_crc32c
 import numpy as np
@@ -19,6 +23,9 @@ import pyarrow.parquet as pq
 from gemmascope import storage
 from gemmascope.faults import crash_point
 from gemmascope.store.parquet_io import WRITE_OPTIONS
+
+if TYPE_CHECKING:
+    from gemmascope.models.backends import KeptRows
 
 
 def extend_crc32c(crc: int, rows: np.ndarray) -> int:
@@ -43,19 +50,21 @@ class ZarrRowWriter:
         self.buffer = np.empty((rows, self.width), dtype=self.dtype)
         self.filled = 0
 
-    def append(self, rows: np.ndarray) -> None:
-        while len(rows):
-            take = min(len(rows), len(self.buffer) - self.filled)
-            self.buffer[self.filled:self.filled + take] = rows[:take]
+    def append(self, rows: KeptRows) -> None:
+        done = 0
+        while done < len(rows):
+            take = min(len(rows) - done, len(self.buffer) - self.filled)
+            rows.take(done, self.buffer[self.filled:self.filled + take])
             self.filled += take
-            rows = rows[take:]
+            done += take
             if self.filled == len(self.buffer):
                 self._flush()
 
     def _flush(self) -> None:
         end = self.position + len(self.buffer)
         self.crc32c = extend_crc32c(self.crc32c, self.buffer)
-        self.in_flight.append((self.array[self.position:end].write(self.buffer), self.position, end))
+        write = self.array[self.position:end].write(self.buffer, can_reference_source_data_indefinitely=True)
+        self.in_flight.append((write, self.position, end))
         crash_point("harvest.shard_write")  # killed with the write in flight
         self.position = end
         while len(self.in_flight) > self.max_in_flight:
@@ -98,7 +107,8 @@ class ParquetRowWriter:
         self.rows = 0
         self.crc32c = 0
 
-    def append(self, rows: np.ndarray) -> None:
+    def append(self, kept: KeptRows) -> None:
+        rows = kept.gathered()
         self.crc32c = extend_crc32c(self.crc32c, rows)
         self.pending.append(np.ascontiguousarray(rows).view(self.bits))
         self.rows += len(rows)

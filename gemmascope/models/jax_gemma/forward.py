@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 
 from gemmascope.config import ModelConfig
 from gemmascope.errors import UserError
+from gemmascope.models.backends import KeptRows
 from gemmascope.models.jax_gemma.architecture import from_hf_config
 from gemmascope.models.jax_gemma.model import GemmaModel, expected_params
 from gemmascope.models.jax_gemma.sharding import (
@@ -117,19 +118,21 @@ class JaxForward:
         captured, _ = self._run(self.params, self._place_batch(input_ids), tuple(sorted(keys)), store_dtype, False)
         return captured, len(input_ids), flat_rows
 
-    def collect(self, pending: tuple[dict[Key, jax.Array], int, np.ndarray]) -> dict[Key, np.ndarray]:
-        """Wait for a launched forward; the kept positions of each key, on the host."""
+    def collect(self, pending: tuple[dict[Key, jax.Array], int, np.ndarray]) -> dict[Key, KeptRows]:
+        """Wait for a launched forward; each key's positions on the host (a view of
+        JAX's buffer, not a copy) with the kept ones' indices."""
         captured, rows, flat_rows = pending
         out = {}
         for key, value in captured.items():
             host = np.asarray(value)[:rows]
-            out[key] = host.reshape(-1, host.shape[-1])[flat_rows]
+            out[key] = KeptRows(host.reshape(-1, host.shape[-1]), flat_rows)
         return out
 
     def capture(self, input_ids: np.ndarray, keys: tuple[Key, ...], flat_rows: np.ndarray,
                 store_dtype: str) -> dict[Key, np.ndarray]:
         """The activations at `keys` of the positions `flat_rows` (indices into batch x time)."""
-        return self.collect(self.launch(input_ids, keys, flat_rows, store_dtype))
+        kept = self.collect(self.launch(input_ids, keys, flat_rows, store_dtype))
+        return {key: rows.gathered() for key, rows in kept.items()}
 
     def bare_forward(self, input_ids: np.ndarray) -> None:
         """Every built layer, nothing captured but the last output: the harvest's baseline."""
