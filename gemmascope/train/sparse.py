@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gemmascope.config import TrainConfig
+from gemmascope.train.arch.base import Params
 from gemmascope.train.host_call import host_call, register
 from gemmascope.train.jumprelu import (
     JumpReLUParams,
@@ -104,31 +105,56 @@ def _sparse(params, x, sparsity, pre, chosen, *, bandwidth):
     active_k = valid & (pre_k > theta_k)
     f_k = jnp.where(active_k, pre_k, 0.0)
 
-    rows = jax.ShapeDtypeStruct((batch, d_in), jnp.float32)
-    diff = run_kernel("decode", [rows], chosen, f_k, params.W_dec)[0] + params.b_dec - x
-    error = jnp.sum(diff * diff, axis=-1)
+    diff, error, g_xhat = decode_residual(params, x, chosen, f_k)
     l0 = jnp.sum(active_k, dtype=jnp.float32) / batch
-    mse = jnp.mean(error)
-    loss = mse + sparsity * l0
-    centred = x - jnp.mean(x, axis=0)
-    fired = jnp.zeros((width,), bool).at[index].max(active_k)
-    outputs = Outputs(loss, mse, l0, fired, jnp.sum(centred**2), jnp.sum(error))
+    loss = jnp.mean(error) + sparsity * l0
+    outputs = pairs_outputs(x, loss, error, chosen, active_k, width)
 
-    g_xhat = (2.0 / batch) * diff
     d_f_k, d_W_dec, d_W_enc = run_kernel("backward", [jax.ShapeDtypeStruct((batch, slots), jnp.float32),
                                                  jax.ShapeDtypeStruct((width, d_in), jnp.float32),
                                                  jax.ShapeDtypeStruct((d_in, width), jnp.float32)],
                                     chosen, f_k, g_xhat, x - params.b_dec, params.W_dec)
-    d_pre_k = jnp.where(active_k, d_f_k, 0.0)
     band_k = valid * rectangle((pre_k - theta_k) / bandwidth)
-    d_theta = -(1.0 / bandwidth) * jnp.zeros((width,), jnp.float32).at[index].add(
-        band_k * (theta_k * d_f_k + sparsity / batch))
-    d_b_enc = jnp.zeros((width,), jnp.float32).at[index].add(d_pre_k)
-    grads = JumpReLUParams(
-        W_enc=d_W_enc,
-        b_enc=d_b_enc,
-        W_dec=d_W_dec,
-        b_dec=jnp.sum(g_xhat, axis=0) - params.W_enc @ d_b_enc,
-        log_threshold=d_theta * theta,
-    )
+    d_theta = -(1.0 / bandwidth) * scatter_latents(width, chosen, band_k * (theta_k * d_f_k + sparsity / batch))
+    d_b_enc = scatter_latents(width, chosen, jnp.where(active_k, d_f_k, 0.0))
+    grads = JumpReLUParams(W_enc=d_W_enc, b_enc=d_b_enc, W_dec=d_W_dec,
+                           b_dec=decoder_bias_grad(params, g_xhat, d_b_enc), log_threshold=d_theta * theta)
     return loss, outputs, grads
+
+
+# The pieces every sparse step shares, whatever picks its kept (row, latent) pairs:
+# `chosen` [batch, slots] holds each row's kept latents, -1 in empty slots.
+
+def decode_pairs(W_dec: jax.Array, chosen: jax.Array, f_k: jax.Array) -> jax.Array:
+    """[batch, d_in] each row's sum of f_k W_dec[latent] over its kept pairs (no bias)."""
+    rows = jax.ShapeDtypeStruct((chosen.shape[0], W_dec.shape[1]), jnp.float32)
+    return run_kernel("decode", [rows], chosen, f_k, W_dec)[0]
+
+
+def decode_residual(params: Params, x: jax.Array, chosen: jax.Array, f_k: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(x_hat - x [batch, d_in] decoded from the kept pairs with latents `f_k`, each
+    row's squared error, the gradient of their batch mean with respect to x_hat)."""
+    diff = decode_pairs(params.W_dec, chosen, f_k) + params.b_dec - x
+    return diff, jnp.sum(diff * diff, axis=-1), (2.0 / x.shape[0]) * diff
+
+
+def scatter_latents(width: int, chosen: jax.Array, values: jax.Array) -> jax.Array:
+    """[width] the sum of `values` [batch, slots] over the pairs of each latent (empty
+    slots must hold 0: they add to latent 0)."""
+    return jnp.zeros((width,), jnp.float32).at[jnp.maximum(chosen, 0)].add(values)
+
+
+def decoder_bias_grad(params: Params, g_xhat: jax.Array, d_b_enc: jax.Array) -> jax.Array:
+    """b_dec's gradient: it is added to x_hat and subtracted from the encoder's input."""
+    return jnp.sum(g_xhat, axis=0) - params.W_enc @ d_b_enc
+
+
+def pairs_outputs(x: jax.Array, loss: jax.Array, error: jax.Array, chosen: jax.Array, active: jax.Array,
+                  width: int) -> Outputs:
+    """A sparse step's diagnostics; `active` [batch, slots] marks the kept pairs that fire."""
+    batch = x.shape[0]
+    centred = x - jnp.mean(x, axis=0)
+    fired = jnp.zeros((width,), bool).at[jnp.maximum(chosen, 0)].max(active)
+    return Outputs(loss, jnp.mean(error), jnp.sum(active, dtype=jnp.float32) / batch, fired,
+                   jnp.sum(centred**2), jnp.sum(error))

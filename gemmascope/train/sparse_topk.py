@@ -23,7 +23,14 @@ import jax.numpy as jnp
 
 from gemmascope.train.arch.base import Params
 from gemmascope.train.jumprelu import Outputs, encode_pre_matmul
-from gemmascope.train.sparse import run_kernel
+from gemmascope.train.sparse import (
+    decode_pairs,
+    decode_residual,
+    decoder_bias_grad,
+    pairs_outputs,
+    run_kernel,
+    scatter_latents,
+)
 
 
 def topk_pairs(params: Params, x: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -53,11 +60,7 @@ def value_and_grad(params: Params, x: jax.Array, pre: jax.Array, chosen: jax.Arr
     batch, d_in = x.shape
     width = params.b_enc.shape[0]
     slots = chosen.shape[1]
-    rows = jax.ShapeDtypeStruct((batch, d_in), jnp.float32)
-    diff = run_kernel("decode", [rows], chosen, f_k, params.W_dec)[0] + params.b_dec - x
-    error = jnp.sum(diff * diff, axis=-1)
-    mse = jnp.mean(error)
-    g_xhat = (2.0 / batch) * diff
+    diff, error, g_xhat = decode_residual(params, x, chosen, f_k)
     inputs = x - params.b_dec
     weight_grads = [jax.ShapeDtypeStruct((width, d_in), jnp.float32), jax.ShapeDtypeStruct((d_in, width), jnp.float32)]
     aux_slots = min(aux_k, width)
@@ -72,7 +75,7 @@ def value_and_grad(params: Params, x: jax.Array, pre: jax.Array, chosen: jax.Arr
 
     def with_aux():
         aux_chosen, f_aux = _row_pairs(pre, dead, aux_slots)
-        e_hat = run_kernel("decode", [rows], aux_chosen, f_aux, params.W_dec)[0]
+        e_hat = decode_pairs(params.W_dec, aux_chosen, f_aux)
         aux_diff = e_hat + diff  # e_hat - (x - x_hat), the residual held constant
         aux = jnp.mean(jnp.sum(aux_diff * aux_diff, axis=-1))
         capacity = max(slots, aux_slots)
@@ -85,17 +88,12 @@ def value_and_grad(params: Params, x: jax.Array, pre: jax.Array, chosen: jax.Arr
         return aux, dots[:batch, :slots], aux_chosen, f_aux, dots[batch:, :aux_slots], d_W_dec, d_W_enc
 
     aux, dots, aux_chosen, f_aux, aux_dots, d_W_dec, d_W_enc = jax.lax.cond(jnp.any(dead), with_aux, without_aux)
-    index = jnp.maximum(chosen, 0)  # empty slots add 0 to latent 0
-    d_b_enc = (jnp.zeros((width,), jnp.float32).at[index].add(jnp.where(f_k > 0, dots, 0.0))
-               .at[jnp.maximum(aux_chosen, 0)].add(jnp.where(f_aux > 0, aux_dots, 0.0)))
+    d_b_enc = (scatter_latents(width, chosen, jnp.where(f_k > 0, dots, 0.0))
+               + scatter_latents(width, aux_chosen, jnp.where(f_aux > 0, aux_dots, 0.0)))
     grads = params._replace(W_enc=d_W_enc, b_enc=d_b_enc, W_dec=d_W_dec,
-                            b_dec=jnp.sum(g_xhat, axis=0) - params.W_enc @ d_b_enc)
-    loss = mse + aux_coefficient * aux
-    active = f_k > 0
-    centred = x - jnp.mean(x, axis=0)
-    outputs = Outputs(loss, mse, jnp.sum(active, dtype=jnp.float32) / batch,
-                      jnp.zeros((width,), bool).at[index].max(active), jnp.sum(centred**2), jnp.sum(error))
-    return loss, outputs, grads, {"auxk": aux}
+                            b_dec=decoder_bias_grad(params, g_xhat, d_b_enc))
+    loss = jnp.mean(error) + aux_coefficient * aux
+    return loss, pairs_outputs(x, loss, error, chosen, f_k > 0, width), grads, {"auxk": aux}
 
 
 def _row_pairs(pre: jax.Array, allowed: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
