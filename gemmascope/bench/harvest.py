@@ -12,15 +12,24 @@ allocator and kernels), and that first call is reported as `first_call_seconds`.
 repetitions then alternate (bare and harvest of one backend, then the other's, then
 again ...) so drift on a noisy machine hits every side, and the best repetition of each
 is reported.
+
+Where the overhead goes: each repetition also runs the store-only harvest, the worker
+with the headline backend's recorded rows replayed instead of a forward (everything a
+harvest does but the model: gathers, checksums, TensorStore's encoding, the kernel's
+file writes). Every side reports its CPU seconds too (all of this process's threads), so
+harvest CPU - bare CPU can be set against the store-only CPU: on a machine whose forward
+keeps every core busy, what the writes cost in CPU the harvest pays in time.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -78,6 +87,54 @@ def computed_positions(backend: Any, batches: list[np.ndarray]) -> int:
     return sum(backend.padded_rows(len(b)) * b.shape[1] for b in batches)
 
 
+def _timed(run: Callable[..., Any], *args: Any) -> tuple[float, float, Any]:
+    """(wall seconds, CPU seconds of every thread of this process, result) of `run(*args)`."""
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    began, began_cpu = time.perf_counter(), cpu()
+    result = run(*args)
+    return time.perf_counter() - began, cpu() - began_cpu, result
+
+
+def _bare_pass(backend: Any, batches: list[np.ndarray]) -> None:
+    for batch in batches:
+        backend.bare_forward(batch)
+
+
+class _Recording:
+    """A backend that runs `backend` and keeps what each `collect` handed the worker."""
+
+    def __init__(self, backend: Any):
+        self.backend, self.collected = backend, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def collect(self, pending: Any) -> Any:
+        kept = self.backend.collect(pending)
+        self.collected.append(kept)
+        return kept
+
+
+class _Replay:
+    """A backend that hands back recorded batches instead of running a model: the worker
+    on it does everything a harvest does but the forward."""
+
+    def __init__(self, backend: Any, collected: list):
+        self.info, self.tokenizer, self.collected = backend.info, backend.tokenizer, collected
+        self.next = 0
+
+    def launch(self, input_ids: np.ndarray, keys: tuple, flat_rows: np.ndarray, store_dtype: str) -> Any:
+        batch = self.collected[self.next % len(self.collected)]
+        self.next += 1
+        return batch
+
+    def collect(self, pending: Any) -> Any:
+        return pending
+
+
 def _stored(worker: Any, key: tuple[str, int], n_rows: int) -> np.ndarray:
     """Rows [0, n_rows) of one array of the store, as float32."""
     from gemmascope.store import paths
@@ -132,36 +189,50 @@ def measure(args: argparse.Namespace) -> dict:
 
         # First calls, untimed in the repetitions: JAX compiles the bare and the capture
         # programs here; the timed harvests reuse them (the unit's last batch included).
+        # The headline backend's first harvest records its rows for the store-only runs.
         first_call: dict[str, dict[str, float]] = {}
         for name in names:
             began = time.perf_counter()
             for batch in {len(b): b for b in batches}.values():  # every batch size once
                 workers[name].backend.bare_forward(batch)
             bare_first = time.perf_counter() - began
+            backend = workers[name].backend
+            if name == args.backend:
+                workers[name].backend = _Recording(backend)
             began = time.perf_counter()
             workers[name].harvest_unit(0, layout)
             first_call[name] = {"bare": bare_first, "harvest": time.perf_counter() - began}
+            if name == args.backend:
+                store_only = HarvestWorker(config, activations, backend=_Replay(backend, workers[name].backend.collected))
+                workers[name].backend = backend
 
         # The stored values of one array, per backend, from the last repetition: a check
         # that both wrote the same rows of the same activations, not a timed figure.
         probe = next((k for k in reversed(worker.keys) if k[0] == "res"), worker.keys[-1])
         bare_times: dict[str, list[float]] = {name: [] for name in names}
         harvest_times: dict[str, list[float]] = {name: [] for name in names}
+        cpu: dict[str, dict[str, list[float]]] = {name: {"bare": [], "harvest": []} for name in names}
+        store_only_times: list[float] = []
+        store_only_cpu: list[float] = []
         stored_rows: dict[str, int] = {}
+        checksums: dict[str, dict[str, int]] = {}
         probes: dict[str, np.ndarray] = {}
         for repeat in range(args.repeats):
             for name in names:
-                backend = workers[name].backend
-                began = time.perf_counter()
-                for batch in batches:
-                    backend.bare_forward(batch)
-                bare_times[name].append(time.perf_counter() - began)
-                began = time.perf_counter()
-                result = workers[name].harvest_unit(0, layout)
-                harvest_times[name].append(time.perf_counter() - began)
-                stored_rows[name] = result.rows
+                wall, cpu_seconds, _ = _timed(_bare_pass, workers[name].backend, batches)
+                bare_times[name].append(wall)
+                cpu[name]["bare"].append(cpu_seconds)
+                wall, cpu_seconds, unit = _timed(workers[name].harvest_unit, 0, layout)
+                harvest_times[name].append(wall)
+                cpu[name]["harvest"].append(cpu_seconds)
+                stored_rows[name], checksums[name] = unit.rows, unit.checksums
                 if repeat == args.repeats - 1 and len(names) > 1:
                     probes[name] = _stored(workers[name], probe, layout.n_rows)
+            wall, cpu_seconds, replayed = _timed(store_only.harvest_unit, 0, layout)
+            if replayed.checksums != checksums[args.backend]:
+                raise RuntimeError("the store-only run wrote other rows than the harvest it replays")
+            store_only_times.append(wall)
+            store_only_cpu.append(cpu_seconds)
 
         figures = {}
         for name in names:
@@ -174,6 +245,8 @@ def measure(args: argparse.Namespace) -> dict:
                 "computed_positions": computed_positions(workers[name].backend, batches),
                 "bare_seconds": bare_times[name],
                 "harvest_seconds": harvest_times[name],
+                "bare_cpu_seconds": cpu[name]["bare"],
+                "harvest_cpu_seconds": cpu[name]["harvest"],
                 "first_call_seconds": first_call[name],
                 **device_info(workers[name].backend),
             }
@@ -198,6 +271,10 @@ def measure(args: argparse.Namespace) -> dict:
             ) * (2 if args.store_dtype == "bfloat16" else 4) / harvest,
             "bare_seconds": bare_times[args.backend],
             "harvest_seconds": harvest_times[args.backend],
+            "bare_cpu_seconds": cpu[args.backend]["bare"],
+            "harvest_cpu_seconds": cpu[args.backend]["harvest"],
+            "store_only_seconds": store_only_times,
+            "store_only_cpu_seconds": store_only_cpu,
             "first_call_seconds": first_call[args.backend],
             "device": main["device"],
             "backends": figures,

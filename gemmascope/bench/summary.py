@@ -47,6 +47,13 @@ def _harvest_rows(r: dict) -> list[tuple[str, str, str]]:
     rows = [(f"{label}, {name} on {_where(backends[name])}",
              f"{backends[name]['tokens_per_s']:,.0f} tok/s; {1 + backends[name]['overhead']:.3f} x bare forward",
              "<= 1.10") for name in names]
+    if "store_only_seconds" in r:
+        main = backends[r["backend"]]
+        rows.append((f"{label}, {r['backend']}: where the overhead goes",
+                     f"harvest - bare forward {min(r['harvest_seconds']) - min(r['bare_seconds']):.2f} s, "
+                     f"{min(main['harvest_cpu_seconds']) - min(main['bare_cpu_seconds']):.2f} CPU-s; "
+                     f"the writes alone (rows replayed, no forward) {min(r['store_only_seconds']):.2f} s, "
+                     f"{min(r['store_only_cpu_seconds']):.2f} CPU-s", "documented"))
     if "jax_over_torch_harvest" in r:
         jax, torch = backends["jax"], backends["torch"]
         rows.append((f"{label}, jax against torch (same tokens, same run)",
