@@ -39,9 +39,10 @@ def test_the_sparse_comparison_reaches_its_activity():
     assert result["sparse_speedup"] == pytest.approx(result["dense_step_seconds"] / result["sparse_step_seconds"])
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
-def test_the_topk_comparisons_time_both_paths(architecture):
-    result = measure(parse(f"--{architecture}", "4", "--rounds", "1"))
+@pytest.mark.parametrize(("flag", "architecture"), [("topk", "topk"), ("batchtopk", "batchtopk"),
+                                                     ("matryoshka", "matryoshka_batchtopk")])
+def test_the_topk_comparisons_time_both_paths(flag, architecture):
+    result = measure(parse(f"--{flag}", "4", "--rounds", "1"))
     assert result["architecture"] == architecture and 3 <= result["l0"] <= 4
     assert result["sparse_speedup"] == pytest.approx(result["dense_step_seconds"] / result["sparse_step_seconds"])
 

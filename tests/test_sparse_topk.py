@@ -1,4 +1,4 @@
-"""The sparse TopK and BatchTopK steps equal the dense ones: the selection kernels against
+"""The sparse TopK, BatchTopK and Matryoshka BatchTopK steps equal the dense ones: the selection kernels against
 numpy's stable sort, values and gradients (AuxK included) against `jax.value_and_grad`
 of `arch.sae_loss`, whole training steps against the dense steps, and the dense path
 where the kept latents do not fit the sparse capacity."""
@@ -87,22 +87,34 @@ def _params_and_inputs(seed: int = 0):
     return params, jax.random.normal(keys[3], (BATCH, D_IN))
 
 
-@pytest.mark.parametrize("rule", ["topk", "batchtopk"])
+PREFIXES = (WIDTH // 8, WIDTH // 4, WIDTH // 2, WIDTH)  # arch.nested_prefixes(WIDTH, 4)
+
+
+@pytest.mark.parametrize("rule", ["topk", "batchtopk", "matryoshka"])
 @pytest.mark.parametrize("dead_share", [0.0, 0.05, 0.5])  # no AuxK, fewer dead than aux_k, more
 def test_values_and_gradients_equal_autodiff(rule, dead_share):
     params, x = _params_and_inputs()
     dead = jax.random.uniform(jax.random.key(9), (WIDTH,)) < dead_share
+    prefixes = ()
     if rule == "topk":
         chosen_rule = arch.TopK(k=K, aux_k=AUX_K, aux_coefficient=0.5)
         pairs = jax.jit(lambda p: sparse_topk.topk_pairs(p, x, K))
-    else:
+    elif rule == "batchtopk":
         chosen_rule = arch.BatchTopK(k=K, aux_k=AUX_K, aux_coefficient=0.5)
         pairs = jax.jit(lambda p: sparse_topk.batch_topk_pairs(p, x, K, WIDTH // 4)[:3])
+    else:
+        chosen_rule = arch.MatryoshkaBatchTopK(k=K, prefixes=PREFIXES, aux_k=AUX_K, aux_coefficient=0.5)
+        pairs = jax.jit(lambda p: sparse_topk.batch_topk_pairs(p, x, K, WIDTH // 4)[:3])
+        prefixes = PREFIXES
     (loss, out), grads = jax.value_and_grad(lambda p: arch.sae_loss(chosen_rule, p, x, dead), has_aux=True)(params)
     got_loss, got, got_grads, terms = jax.jit(
-        lambda p: sparse_topk.value_and_grad(p, x, *pairs(p), AUX_K, 0.5, dead))(params)
+        lambda p: sparse_topk.value_and_grad(p, x, *pairs(p), AUX_K, 0.5, dead, prefixes))(params)
     assert (float(terms["auxk"]) > 0) == (dead_share > 0)
     np.testing.assert_allclose(terms["auxk"], out.terms["auxk"], rtol=1e-5)
+    if prefixes:  # every prefix's own error, the last the full reconstruction's
+        np.testing.assert_allclose(terms["prefix_mse"], out.terms["prefix_mse"], rtol=1e-5)
+        assert len(np.unique(np.asarray(terms["prefix_mse"]))) == len(prefixes)
+        np.testing.assert_allclose(terms["prefix_mse"][-1], out.mse, rtol=1e-5)
     np.testing.assert_allclose(got_loss, loss, rtol=1e-5)
     for name in ("mse", "l0", "total_variance", "error_sum"):
         np.testing.assert_allclose(getattr(got, name), getattr(out, name), rtol=1e-5, err_msg=name)
@@ -114,7 +126,7 @@ def test_values_and_gradients_equal_autodiff(rule, dead_share):
                                    atol=1e-5 * np.abs(expected).max(), err_msg=field)
 
 
-@pytest.mark.parametrize("rule", ["topk", "batchtopk"])
+@pytest.mark.parametrize("rule", ["topk", "batchtopk", "matryoshka_batchtopk"])
 def test_training_steps_equal_the_dense_steps(rule):
     """Five steps of a group, some latents dead from the start, with and without the
     sparse path: the same parameters and metrics, AuxK (and BatchTopK's threshold
@@ -138,12 +150,14 @@ def test_training_steps_equal_the_dense_steps(rule):
         for name in ("loss", "mse", "l0", "dead_fraction"):
             np.testing.assert_allclose(sparse_metrics[name], dense_metrics[name], rtol=1e-4, err_msg=name)
         for dense_terms, sparse_terms in zip(dense_metrics["terms"], sparse_metrics["terms"], strict=True):
-            np.testing.assert_allclose(sparse_terms["auxk"], dense_terms["auxk"], rtol=1e-4)
+            assert sparse_terms.keys() == dense_terms.keys()
+            for term in sparse_terms:
+                np.testing.assert_allclose(sparse_terms[term], dense_terms[term], rtol=1e-4, err_msg=term)
             auxk.append(float(dense_terms["auxk"]))
     assert auxk[0] > 0 and auxk[1] > 0  # the first step trained the dead latents through AuxK
     for dense_estimate, sparse_estimate in zip(dense_state.estimates, sparse_state.estimates, strict=True):
         np.testing.assert_allclose(sparse_estimate.value, dense_estimate.value, rtol=1e-5)
-    assert len(sparse_state.estimates) == (2 if rule == "batchtopk" else 0)
+    assert len(sparse_state.estimates) == (0 if rule == "topk" else 2)
     for dense_p, sparse_p in zip(dense_state.params, sparse_state.params, strict=True):
         for field in ("W_enc", "b_enc", "W_dec", "b_dec"):
             np.testing.assert_allclose(getattr(sparse_p, field), getattr(dense_p, field), rtol=1e-4, atol=1e-6,

@@ -79,7 +79,8 @@ def summarise(directory: Path) -> str:
                 continue
             r = json.loads(line)
             if "sparse_speedup" in r:
-                topk = {"topk": "TopK ", "batchtopk": "BatchTopK "}.get(r.get("architecture"), "")
+                topk = {"topk": "TopK ", "batchtopk": "BatchTopK ",
+                        "matryoshka_batchtopk": "Matryoshka BatchTopK "}.get(r.get("architecture"), "")
                 rows.append((f"sparse {topk}step ({r['d_in']}, {r['width']}, batch {r['batch']}) at L0 {r['l0']:.0f} "
                              f"({r['l0_fraction']:.1%} of width)",
                              f"{r['sparse_tokens_per_s']:,.0f} vs {r['dense_tokens_per_s']:,.0f} tok/s dense: "

@@ -50,6 +50,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                       help="time a TopK SAE with K latents per row, its sparse step beside its dense one")
     kept.add_argument("--batchtopk", type=positive_int, default=None, metavar="K",
                       help="the same for a BatchTopK SAE keeping K latents per row on average")
+    kept.add_argument("--matryoshka", type=positive_int, default=None, metavar="K",
+                      help="the same for a Matryoshka BatchTopK SAE (4 nested prefixes)")
     parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--rounds", type=positive_int, default=2,
                         help="alternate the step and its references this many times, keeping the best of each, "
@@ -170,12 +172,14 @@ def streaming_bytes_per_s(d_in: int, width: int, repeats: int) -> float:
 
 
 def measure_sparse(args: argparse.Namespace) -> dict:
-    """Dense and sparse steps at the same activity (JumpReLU at --l0-fraction, or TopK and
-    BatchTopK with --topk and --batchtopk latents per row), alternating, best of each."""
+    """Dense and sparse steps at the same activity (JumpReLU at --l0-fraction, or TopK,
+    BatchTopK and Matryoshka BatchTopK with --topk, --batchtopk and --matryoshka latents
+    per row), alternating, best of each."""
     dense, sparse, measured = [], [], {}
-    architecture = "topk" if args.topk else "batchtopk" if args.batchtopk else JUMPRELU
+    kept = {"topk": args.topk, "batchtopk": args.batchtopk, "matryoshka_batchtopk": args.matryoshka}
+    architecture = next((name for name, k in kept.items() if k is not None), JUMPRELU)
     kind = ({"l0_fraction": args.l0_fraction} if architecture == JUMPRELU
-            else {"architecture": architecture, "knob": float(args.topk or args.batchtopk)})
+            else {"architecture": architecture, "knob": float(kept[architecture])})
     for _ in range(args.rounds):
         dense.append(step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps, **kind))
         sparse.append(step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps,
@@ -192,7 +196,7 @@ def measure_sparse(args: argparse.Namespace) -> dict:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    if args.l0_fraction is not None or args.topk is not None or args.batchtopk is not None:
+    if args.l0_fraction is not None or any(k is not None for k in (args.topk, args.batchtopk, args.matryoshka)):
         return measure_sparse(args)
     flops = 10.0 * args.batch * args.d_in * args.width * args.group
     repeats = max(args.steps, 5)

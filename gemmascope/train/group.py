@@ -181,7 +181,7 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
     (`arch.sae_loss`, `arch.transcoder_loss`), with the latents unfired for
     train.dead_window_tokens as AuxK's dead mask. With `use_sparse`, a TopK SAE whose k fits
     train.sparse_max_density x width takes the sparse TopK step (`sparse_topk`), and a
-    BatchTopK SAE the sparse BatchTopK step whenever its busiest row fits.
+    BatchTopK or Matryoshka BatchTopK SAE the sparse step whenever its busiest row fits.
     """
     dead_after = dead_steps(config)
 
@@ -194,16 +194,18 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
         pre, chosen, f_k = sparse_topk.topk_pairs(params, x, int(knob))
         return sparse_member(params, x, pre, chosen, f_k, dead, {})
 
-    def batchtopk_step(params, x, knob, width, lam, dead) -> MemberStep:
+    def batchtopk_step(params, x, knob, width, lam, dead, architecture) -> MemberStep:
         capacity = sparse.capacity(width, config)
+        prefixes = getattr(rule(architecture, knob, width, config, lam), "prefixes", ())
         pre, chosen, f_k, most, kept_minimum = sparse_topk.batch_topk_pairs(params, x, int(knob), capacity)
         return jax.lax.cond(most <= capacity,
-                            lambda: sparse_member(params, x, pre, chosen, f_k, dead, {"kept_minimum": kept_minimum}),
-                            lambda: rule_step(params, x, x, knob, width, lam, "batchtopk", dead))
+                            lambda: sparse_member(params, x, pre, chosen, f_k, dead, {"kept_minimum": kept_minimum},
+                                                  prefixes),
+                            lambda: rule_step(params, x, x, knob, width, lam, architecture, dead))
 
-    def sparse_member(params, x, pre, chosen, f_k, dead, terms) -> MemberStep:
+    def sparse_member(params, x, pre, chosen, f_k, dead, terms, prefixes=()) -> MemberStep:
         _, out, grads, aux_terms = sparse_topk.value_and_grad(params, x, pre, chosen, f_k, config.aux_k,
-                                                              config.aux_coefficient, dead)
+                                                              config.aux_coefficient, dead, prefixes)
         return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired,
                           jnp.ones((), bool), {**aux_terms, **terms})
 
@@ -226,8 +228,8 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
             elif (use_sparse and architecture == "topk" and not group.transcoder
                   and int(knob) <= sparse.capacity(width, config)):
                 results.append(topk_step(p, x, knob, count >= dead_after))
-            elif use_sparse and architecture == "batchtopk" and not group.transcoder:
-                results.append(batchtopk_step(p, x, knob, width, lam, count >= dead_after))
+            elif use_sparse and architecture in ("batchtopk", "matryoshka_batchtopk") and not group.transcoder:
+                results.append(batchtopk_step(p, x, knob, width, lam, count >= dead_after, architecture))
             else:
                 results.append(rule_step(p, x, y, knob, width, lam, architecture, count >= dead_after))
         return results

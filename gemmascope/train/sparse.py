@@ -105,7 +105,9 @@ def _sparse(params, x, sparsity, pre, chosen, *, bandwidth):
     active_k = valid & (pre_k > theta_k)
     f_k = jnp.where(active_k, pre_k, 0.0)
 
-    diff, error, g_xhat = decode_residual(params, x, chosen, f_k)
+    diff = decode_pairs(params.W_dec, chosen, f_k) + params.b_dec - x
+    error = jnp.sum(diff * diff, axis=-1)
+    g_xhat = (2.0 / batch) * diff
     l0 = jnp.sum(active_k, dtype=jnp.float32) / batch
     loss = jnp.mean(error) + sparsity * l0
     outputs = pairs_outputs(x, loss, error, chosen, active_k, width)
@@ -129,14 +131,6 @@ def decode_pairs(W_dec: jax.Array, chosen: jax.Array, f_k: jax.Array) -> jax.Arr
     """[batch, d_in] each row's sum of f_k W_dec[latent] over its kept pairs (no bias)."""
     rows = jax.ShapeDtypeStruct((chosen.shape[0], W_dec.shape[1]), jnp.float32)
     return run_kernel("decode", [rows], chosen, f_k, W_dec)[0]
-
-
-def decode_residual(params: Params, x: jax.Array, chosen: jax.Array, f_k: jax.Array
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(x_hat - x [batch, d_in] decoded from the kept pairs with latents `f_k`, each
-    row's squared error, the gradient of their batch mean with respect to x_hat)."""
-    diff = decode_pairs(params.W_dec, chosen, f_k) + params.b_dec - x
-    return diff, jnp.sum(diff * diff, axis=-1), (2.0 / x.shape[0]) * diff
 
 
 def scatter_latents(width: int, chosen: jax.Array, values: jax.Array) -> jax.Array:
