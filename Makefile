@@ -77,6 +77,8 @@ bench: $(STAMP) bench-peers
 		> $(RESULTS)/train-step-sparse-topk.json
 	$(BIN)/gemmascope bench train-step --d-in 2304 --width 16384 --batch 4096 --batchtopk 32 --steps 2 --json \
 		> $(RESULTS)/train-step-sparse-batchtopk.json
+	$(BIN)/gemmascope bench train-step --d-in 2304 --width 16384 --batch 4096 --matryoshka 32 --steps 2 --json \
+		> $(RESULTS)/train-step-sparse-matryoshka.json
 	$(BIN)/gemmascope bench train-step --d-in 2304 --width 65536 --batch 1024 --group 2 --steps 2 --json \
 		> $(RESULTS)/train-step-65k-group2.json
 	$(BIN)/python benchmarks/step_layout.py --d-in 2304 --width 16384 --batch 1024 > $(RESULTS)/step-layout.json
