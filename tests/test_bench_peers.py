@@ -54,15 +54,16 @@ def test_against_the_real_peers_at_a_tiny_shape():
     pinned = dict(line.split("==") for line in REQUIREMENTS.read_text().splitlines() if "==" in line)
     assert [(row["ours"], row["peer"]) for row in result["peers"]] == [
         ("JumpReLU at initialisation", "saelens-jumprelu"), ("JumpReLU at L0 1% of width", "saelens-jumprelu"),
-        ("TopK, k 4", "saelens-topk"), ("TopK, k 4", "sparsify-topk"), ("BatchTopK, k 4", "saelens-batchtopk")]
+        ("TopK, k 4", "saelens-topk"), ("TopK, k 4", "sparsify-topk"), ("BatchTopK, k 4", "saelens-batchtopk"),
+        ("Matryoshka BatchTopK, k 4", "saelens-matryoshka")]
     for row in result["peers"]:
         name, version = row["peer_library"].split()
         assert pinned[name] == version
         assert row["peer_step_seconds"] == min(row["peer_step_seconds_by_malloc"].values())
         assert row["speedup"] == pytest.approx(row["peer_step_seconds"] / row["ours_step_seconds"])
         assert row["ours_tokens_per_s"] == pytest.approx(256 / row["ours_step_seconds"])
-    initial, trained, topk, _, batchtopk = result["peers"]
+    initial, trained, topk, _, batchtopk, matryoshka = result["peers"]
     assert not initial["ours_sparse_step"] and trained["ours_sparse_step"] and topk["ours_sparse_step"]
-    assert batchtopk["ours_sparse_step"]
+    assert batchtopk["ours_sparse_step"] and matryoshka["ours_sparse_step"]
     assert trained["ours_l0"] == pytest.approx(10.2, abs=3) and 3 <= topk["ours_l0"] <= 4
-    assert batchtopk["ours_l0"] == pytest.approx(4, abs=0.5)
+    assert batchtopk["ours_l0"] == pytest.approx(4, abs=0.5) and matryoshka["ours_l0"] == pytest.approx(4, abs=0.5)

@@ -9,6 +9,8 @@ gemmascope. Each trainer's step is the library's own, as its trainer runs it:
 - saelens-topk: `TopKTrainingSAE` (k latents per row) through `SAETrainer.step`;
 - saelens-batchtopk: `BatchTopKTrainingSAE` (k per row on average, its running global
   threshold) through `SAETrainer.step`;
+- saelens-matryoshka: `MatryoshkaBatchTopKTrainingSAE` with prefixes of 1/8, 1/4, 1/2
+  and all of the width (gemmascope's default 4 levels) through `SAETrainer.step`;
 - sparsify-topk: EleutherAI sparsify's `SparseCoder` as its `Trainer` steps it: decoder
   rows to unit norm, forward (its fused top-k encoder), FVU backward, removal of the
   decoder gradient's component along its rows, Adam.
@@ -37,11 +39,20 @@ def _saelens_step(kind: str, d_in: int, width: int, batch: int, k: int):
         from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=k, dtype="float32", device="cpu"))
-    else:
+    elif kind == "batchtopk":
         from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 
         sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=k, dtype="float32",
                                                               device="cpu"))
+    else:
+        from sae_lens.saes.matryoshka_batchtopk_sae import (
+            MatryoshkaBatchTopKTrainingSAE,
+            MatryoshkaBatchTopKTrainingSAEConfig,
+        )
+
+        widths = [width // 8, width // 4, width // 2, width]
+        sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+            d_in=d_in, d_sae=width, k=k, matryoshka_widths=widths, dtype="float32", device="cpu"))
     config = SAETrainerConfig(total_training_samples=batch * 10**6, train_batch_size_samples=batch, lr_end=3e-4)
     trainer = SAETrainer(cfg=config, sae=sae, data_provider=iter(()))
 
@@ -71,7 +82,8 @@ def _sparsify_step(d_in: int, width: int, k: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("trainer", choices=["saelens-jumprelu", "saelens-topk", "saelens-batchtopk", "sparsify-topk"])
+    parser.add_argument("trainer", choices=["saelens-jumprelu", "saelens-topk", "saelens-batchtopk", "saelens-matryoshka",
+                                            "sparsify-topk"])
     parser.add_argument("--d-in", type=int, required=True)
     parser.add_argument("--width", type=int, required=True)
     parser.add_argument("--batch", type=int, required=True)

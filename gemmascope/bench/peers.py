@@ -15,7 +15,9 @@ better figure counts:
   L0 = --l0-fraction of the width (thresholds at each latent's quantile, on both sides:
   our sparse path), against SAELens' JumpReLU SAE;
 - TopK with --k latents per row, against SAELens' and sparsify's TopK SAEs;
-- BatchTopK keeping --k latents per row on average, against SAELens' BatchTopK SAE.
+- BatchTopK keeping --k latents per row on average, against SAELens' BatchTopK SAE;
+- Matryoshka BatchTopK, the same with 4 nested prefixes, against SAELens' Matryoshka
+  BatchTopK SAE.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ def comparisons(args: argparse.Namespace) -> list[Comparison]:
                    ("saelens-jumprelu",)),
         Comparison(f"TopK, k {args.k}", "topk", float(args.k), None, ("saelens-topk", "sparsify-topk")),
         Comparison(f"BatchTopK, k {args.k}", "batchtopk", float(args.k), None, ("saelens-batchtopk",)),
+        Comparison(f"Matryoshka BatchTopK, k {args.k}", "matryoshka_batchtopk", float(args.k), None,
+                   ("saelens-matryoshka",)),
     ]
 
 
