@@ -74,12 +74,18 @@ def value_and_grad(params: Params, x: jax.Array, pre: jax.Array, chosen: jax.Arr
     blocks = len(prefixes) or 1
     block_chosen, block_f = _split_by_prefix(chosen, f_k, prefixes) if prefixes else (chosen, f_k)
     parts = decode_pairs(params.W_dec, block_chosen, block_f).reshape(blocks, batch, d_in)
-    diffs = jnp.cumsum(parts, axis=0) + params.b_dec - x  # [blocks, batch, d_in]: each prefix's x_hat - x
-    prefix_error = jnp.sum(diffs * diffs, axis=-1)
+    # Each prefix's x_hat - x, and a block's error: its pairs feed every prefix from
+    # theirs on, so the sum of those prefixes' differences (running sums over the few
+    # blocks, written out: XLA fuses them where a cumsum would scan).
+    diffs = [parts[0] + params.b_dec - x]
+    for part in parts[1:]:
+        diffs.append(diffs[-1] + part)
+    g_blocks = [diffs[-1]]
+    for prefix_diff in reversed(diffs[:-1]):
+        g_blocks.insert(0, g_blocks[0] + prefix_diff)
+    prefix_error = jnp.stack([jnp.sum(d * d, axis=-1) for d in diffs])
     diff, error = diffs[-1], prefix_error[-1]
-    # A block's pairs feed every prefix from theirs on: the sum of those prefixes' errors.
-    g_blocks = (2.0 / (blocks * batch)) * jnp.flip(jnp.cumsum(jnp.flip(diffs, 0), axis=0), 0)
-    errors = g_blocks.reshape(blocks * batch, d_in)
+    errors = (2.0 / (blocks * batch)) * jnp.concatenate(g_blocks)
     inputs = jnp.tile(x - params.b_dec, (blocks, 1))
     weight_grads = [jax.ShapeDtypeStruct((width, d_in), jnp.float32), jax.ShapeDtypeStruct((d_in, width), jnp.float32)]
     aux_slots = min(aux_k, width)
@@ -111,7 +117,7 @@ def value_and_grad(params: Params, x: jax.Array, pre: jax.Array, chosen: jax.Arr
     d_b_enc = (scatter_latents(width, block_chosen, jnp.where(block_f > 0, dots, 0.0))
                + scatter_latents(width, aux_chosen, jnp.where(f_aux > 0, aux_dots, 0.0)))
     grads = params._replace(W_enc=d_W_enc, b_enc=d_b_enc, W_dec=d_W_dec,
-                            b_dec=decoder_bias_grad(params, g_blocks[0], d_b_enc))
+                            b_dec=decoder_bias_grad(params, errors[:batch], d_b_enc))
     prefix_mse = jnp.mean(prefix_error, axis=1)
     loss = jnp.mean(prefix_mse) + aux_coefficient * aux
     terms = {"auxk": aux, "prefix_mse": prefix_mse} if prefixes else {"auxk": aux}
