@@ -79,12 +79,12 @@ def summarise(directory: Path) -> str:
                 continue
             r = json.loads(line)
             if "sparse_speedup" in r:
-                topk = {"topk": "TopK ", "batchtopk": "BatchTopK ",
+                kind = {"topk": "TopK ", "batchtopk": "BatchTopK ",
                         "matryoshka_batchtopk": "Matryoshka BatchTopK "}.get(r.get("architecture"), "")
-                rows.append((f"sparse {topk}step ({r['d_in']}, {r['width']}, batch {r['batch']}) at L0 {r['l0']:.0f} "
+                rows.append((f"sparse {kind}step ({r['d_in']}, {r['width']}, batch {r['batch']}) at L0 {r['l0']:.0f} "
                              f"({r['l0_fraction']:.1%} of width)",
                              f"{r['sparse_tokens_per_s']:,.0f} vs {r['dense_tokens_per_s']:,.0f} tok/s dense: "
-                             f"{r['sparse_speedup']:.2f}x", "documented" if topk else ">= 2x"))
+                             f"{r['sparse_speedup']:.2f}x", "documented" if kind else ">= 2x"))
             elif "fraction_of_matmul" in r:
                 rows.extend(_train_rows(path.stem, r))
             elif "store_over_memory" in r:

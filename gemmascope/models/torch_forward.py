@@ -44,7 +44,7 @@ class TorchForward:
 
     def capture(self, input_ids: np.ndarray, keys: tuple[Key, ...], flat_rows: np.ndarray,
                 store_dtype: str) -> dict[Key, np.ndarray]:
-        return {key: rows.positions for key, rows in self.launch(input_ids, keys, flat_rows, store_dtype).items()}
+        return {key: rows.gathered() for key, rows in self.launch(input_ids, keys, flat_rows, store_dtype).items()}
 
     def bare_forward(self, input_ids: np.ndarray) -> None:
         bare_forward(self.loaded, torch.from_numpy(input_ids.astype(np.int64)))

@@ -86,7 +86,8 @@ def value_and_grad(params: Params, x: jax.Array, pre: jax.Array, chosen: jax.Arr
     prefix_error = jnp.stack([jnp.sum(d * d, axis=-1) for d in diffs])
     diff, error = diffs[-1], prefix_error[-1]
     errors = (2.0 / (blocks * batch)) * jnp.concatenate(g_blocks)
-    inputs = jnp.tile(x - params.b_dec, (blocks, 1))
+    encoder_input = x - params.b_dec
+    inputs = jnp.tile(encoder_input, (blocks, 1))
     weight_grads = [jax.ShapeDtypeStruct((width, d_in), jnp.float32), jax.ShapeDtypeStruct((d_in, width), jnp.float32)]
     aux_slots = min(aux_k, width)
 
@@ -110,12 +111,13 @@ def value_and_grad(params: Params, x: jax.Array, pre: jax.Array, chosen: jax.Arr
         dots, d_W_dec, d_W_enc = run_kernel(
             "backward", [jax.ShapeDtypeStruct((rows + batch, capacity), jnp.float32), *weight_grads],
             both, latents, jnp.concatenate([errors, (2.0 * aux_coefficient / batch) * aux_diff]),
-            jnp.concatenate([inputs, x - params.b_dec]), params.W_dec)
+            jnp.concatenate([inputs, encoder_input]), params.W_dec)
         return aux, dots[:rows, :slots], aux_chosen, f_aux, dots[rows:, :aux_slots], d_W_dec, d_W_enc
 
     aux, dots, aux_chosen, f_aux, aux_dots, d_W_dec, d_W_enc = jax.lax.cond(jnp.any(dead), with_aux, without_aux)
     d_b_enc = (scatter_latents(width, block_chosen, jnp.where(block_f > 0, dots, 0.0))
                + scatter_latents(width, aux_chosen, jnp.where(f_aux > 0, aux_dots, 0.0)))
+    # The first block's error is every prefix's: b_dec is in all of them.
     grads = params._replace(W_enc=d_W_enc, b_enc=d_b_enc, W_dec=d_W_dec,
                             b_dec=decoder_bias_grad(params, errors[:batch], d_b_enc))
     prefix_mse = jnp.mean(prefix_error, axis=1)
