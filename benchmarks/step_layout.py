@@ -6,6 +6,9 @@
   of the rows, against the transpose XLA folds into the matmul;
 - `input_matmul`: the same for the autodiff path of the other architectures (ReLU + L1
   here) and of transcoders (a JumpReLU transcoder);
+- `batch_sum`: every per-latent sum over the batch (the bias and threshold gradients)
+  as a matrix-vector product, against XLA's reduction over the leading dimension, in
+  the JumpReLU step and on the autodiff path (ReLU + L1);
 - `after_every_read`: gradients ordered after every parameter read, against none: step
   time, and the compiled step's temporary buffers (XLA's memory analysis), where the
   copies of W_enc and W_dec show.
@@ -78,6 +81,7 @@ def main() -> None:
     sae = Group.of(args.d_in, [(args.width, 1e-3)])
     folded = lambda rows: rows.T  # noqa: E731 - the transpose XLA folds into the dot
     plain_matmul = lambda rows, weights: rows @ weights  # noqa: E731
+    plain_sum = lambda rows: jax.numpy.sum(rows, axis=0, dtype=jax.numpy.float32)  # noqa: E731
     results = [
         compare("batch_major (JumpReLU SAE)", sae, config, x, {(jumprelu, "batch_major"): folded},
                 args.steps, args.rounds),
@@ -86,6 +90,10 @@ def main() -> None:
         compare("input_matmul (JumpReLU transcoder)", Group.of(args.d_in, [(args.width, 1e-3)], d_out=args.d_in),
                 config, pair, {(jumprelu, "input_matmul"): plain_matmul, (wiring, "input_matmul"): plain_matmul},
                 args.steps, args.rounds),
+        compare("batch_sum (JumpReLU SAE)", sae, config, x, {(jumprelu, "batch_sum"): plain_sum},
+                args.steps, args.rounds),
+        compare("batch_sum (ReLU + L1 SAE)", Group.of(args.d_in, [(args.width, 1e-3)], ["relu_l1"]), config, x,
+                {(jumprelu, "batch_sum"): plain_sum}, args.steps, args.rounds),
         compare("after_every_read (JumpReLU SAE)", sae, config, x,
                 {(group_module, "after_every_read"): lambda grads: grads}, args.steps, args.rounds),
     ]

@@ -50,7 +50,7 @@ def _jumprelu_bwd(bandwidth, residuals, g):
     pre, theta = residuals
     d_pre = (pre > theta).astype(pre.dtype) * g
     d_theta = -(theta / bandwidth) * rectangle((pre - theta) / bandwidth) * g
-    return d_pre, d_theta.reshape(-1, theta.shape[-1]).sum(axis=0)
+    return d_pre, batch_sum(d_theta.reshape(-1, theta.shape[-1]))
 
 
 jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
@@ -69,7 +69,7 @@ def _step_fwd(pre, theta, bandwidth):
 def _step_bwd(bandwidth, residuals, g):
     pre, theta = residuals
     d_theta = -(1.0 / bandwidth) * rectangle((pre - theta) / bandwidth) * g
-    return jnp.zeros_like(pre), d_theta.reshape(-1, theta.shape[-1]).sum(axis=0)
+    return jnp.zeros_like(pre), batch_sum(d_theta.reshape(-1, theta.shape[-1]))
 
 
 step.defvjp(_step_fwd, _step_bwd)
@@ -103,6 +103,19 @@ def batch_major(rows: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(rows.T)
 
 
+def batch_sum(rows: jax.Array) -> jax.Array:
+    """rows.sum(axis=0) in float32: the per-latent sums of a [batch, d_sae] array.
+
+    On the CPU, XLA reduces over the leading dimension at about 1 GB/s (0.30 s for a
+    [1024, 65536] float32 array, three such sums a step at that shape); the same sums as
+    the matrix-vector product ones @ rows stream the array at the memory's rate (8 ms).
+    Other backends reduce directly.
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.sum(rows, axis=0, dtype=jnp.float32)
+    return jnp.matmul(jnp.ones((rows.shape[0],), rows.dtype), rows, preferred_element_type=jnp.float32)
+
+
 @jax.custom_vjp
 def input_matmul(rows: jax.Array, weights: jax.Array) -> jax.Array:
     """rows [batch, d_in] @ weights [d_in, width], whose weight gradient contracts
@@ -122,9 +135,27 @@ def _input_matmul_bwd(residuals, g):
 input_matmul.defvjp(_input_matmul_fwd, _input_matmul_bwd)
 
 
+@jax.custom_vjp
+def add_bias(rows: jax.Array, bias: jax.Array) -> jax.Array:
+    """rows [batch, width] + bias [width], whose bias gradient is `batch_sum` of the
+    upstream gradient: autodiff of a plain `+` would reduce over the batch the slow way."""
+    return rows + bias
+
+
+def _add_bias_fwd(rows, bias):
+    return rows + bias, None
+
+
+def _add_bias_bwd(_, g):
+    return g, batch_sum(g)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
 def encode_pre(params: JumpReLUParams, x: jax.Array) -> jax.Array:
     """Pre-activations with the pre-encoder bias: (x - b_dec) @ W_enc + b_enc."""
-    return input_matmul(x, params.W_enc) + (params.b_enc - params.b_dec @ params.W_enc)
+    return add_bias(input_matmul(x, params.W_enc), params.b_enc - params.b_dec @ params.W_enc)
 
 
 class Outputs(NamedTuple):
@@ -229,8 +260,8 @@ def _fused_bwd(bandwidth, matmul_dtype, residuals, cotangents):
     d_pre = jnp.where(active, d_f, 0.0)
     # Both threshold pseudo-derivatives at once: -(1/eps) K(u) (theta * dL/df + g * lambda / B).
     band = rectangle((pre - theta) / bandwidth)
-    d_theta = -(1.0 / bandwidth) * jnp.sum(band * (theta * d_f + g * sparsity / batch), axis=0)
-    d_b_enc = jnp.sum(d_pre, axis=0, dtype=jnp.float32)
+    d_theta = -(1.0 / bandwidth) * batch_sum(band * (theta * d_f + g * sparsity / batch))
+    d_b_enc = batch_sum(d_pre)
     grads = JumpReLUParams(
         W_enc=_matmul(batch_major(x - params.b_dec), d_pre, matmul_dtype),
         b_enc=d_b_enc,

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from gemmascope.train.arch.base import Outputs, Params, reconstruct, summarise, threshold
-from gemmascope.train.jumprelu import jumprelu, rectangle, step
+from gemmascope.train.jumprelu import batch_sum, jumprelu, rectangle, step
 
 
 def _forward(params: Params, pre: jax.Array, offset: jax.Array, y: jax.Array, bandwidth: float):
@@ -61,9 +61,9 @@ def _tail_step_bwd(bandwidth, residuals, g):
     rows, g = pre.reshape(-1, theta.shape[-1]), g.reshape(-1, theta.shape[-1])
     excess = rows - theta
     active = (excess > 0).astype(rows.dtype)
-    mean_excess = jnp.sum(active * excess, axis=0) / jnp.maximum(jnp.sum(active, axis=0), 1.0)
+    mean_excess = batch_sum(active * excess) / jnp.maximum(batch_sum(active), 1.0)
     density = rectangle(excess / bandwidth) / bandwidth + active / jnp.maximum(mean_excess, bandwidth)
-    return jnp.zeros_like(pre), -jnp.sum(density * g, axis=0)
+    return jnp.zeros_like(pre), -batch_sum(density * g)
 
 
 tail_step.defvjp(_tail_step_fwd, _tail_step_bwd)
@@ -130,7 +130,7 @@ class TargetL0JumpReLU:
         active = tail_step(pre, threshold(params), self.bandwidth)
         l0 = jnp.mean(jnp.sum(active, axis=-1))
         l0_penalty = self.l0_coefficient * (l0 / self.target_l0 - 1.0) ** 2
-        frequency = jnp.mean(active, axis=0)
+        frequency = batch_sum(active) / active.shape[0]
         dense_price = 2.0 * self.l0_coefficient * self.frequency_coefficient / self.target_l0
         frequency_penalty = dense_price * jnp.sum(jax.nn.relu(frequency - self.frequency_threshold))
         loss = mse + l0_penalty + frequency_penalty

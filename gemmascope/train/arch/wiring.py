@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from gemmascope.train.arch.base import Outputs, Params, Rule
-from gemmascope.train.jumprelu import encode_pre, init_params, input_matmul
+from gemmascope.train.jumprelu import add_bias, encode_pre, init_params, input_matmul
 
 
 def init_sae(key: jax.Array, d_in: int, d_sae: int, threshold: float | None = None) -> Params:
@@ -51,7 +51,7 @@ def sae_loss(rule: Rule, params: Params, x: jax.Array, dead: jax.Array | None = 
 
 def transcoder_pre(params: Params, x: jax.Array) -> jax.Array:
     """Pre-activations without a pre-encoder bias: x @ W_enc + b_enc."""
-    return input_matmul(x, params.W_enc) + params.b_enc
+    return add_bias(input_matmul(x, params.W_enc), params.b_enc)
 
 
 def transcoder_offset(params: Params, x: jax.Array) -> jax.Array:
