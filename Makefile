@@ -82,6 +82,8 @@ bench: $(STAMP) bench-peers
 	$(BIN)/gemmascope bench train-step --d-in 2304 --width 65536 --batch 1024 --group 2 --steps 2 --json \
 		> $(RESULTS)/train-step-65k-group2.json
 	$(BIN)/python benchmarks/step_layout.py --d-in 2304 --width 16384 --batch 1024 > $(RESULTS)/step-layout.json
+	$(BIN)/python benchmarks/step_layout.py --d-in 2304 --width 65536 --batch 1024 --only batch_sum --steps 2 --rounds 2 \
+		> $(RESULTS)/step-layout-65k.json
 	$(BIN)/gemmascope bench summary $(RESULTS) | tee $(RESULTS)/summary.md
 
 lint: $(STAMP)

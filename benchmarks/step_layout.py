@@ -1,6 +1,7 @@
 """The training step's layout choices, each against the plain form, side by side in one run.
 
     python benchmarks/step_layout.py --d-in 2304 --width 16384 --batch 1024
+    python benchmarks/step_layout.py --d-in 2304 --width 65536 --batch 1024 --only batch_sum
 
 - `batch_major`: the JumpReLU step's encoder gradient from a stored [d_in, batch] copy
   of the rows, against the transpose XLA folds into the matmul;
@@ -72,6 +73,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", action="append", choices=["batch_major", "input_matmul", "batch_sum",
+                                                            "after_every_read"],
+                        help="time only this choice (repeatable; default: all)")
     args = parser.parse_args()
     config = TrainConfig(tokens=args.batch * 10**6, batch_size=args.batch, shuffle_rows=args.batch,
                          sparsity_warmup_steps=1)
@@ -82,21 +86,20 @@ def main() -> None:
     folded = lambda rows: rows.T  # noqa: E731 - the transpose XLA folds into the dot
     plain_matmul = lambda rows, weights: rows @ weights  # noqa: E731
     plain_sum = lambda rows: jax.numpy.sum(rows, axis=0, dtype=jax.numpy.float32)  # noqa: E731
-    results = [
-        compare("batch_major (JumpReLU SAE)", sae, config, x, {(jumprelu, "batch_major"): folded},
-                args.steps, args.rounds),
-        compare("input_matmul (ReLU + L1 SAE)", Group.of(args.d_in, [(args.width, 1e-3)], ["relu_l1"]), config, x,
-                {(jumprelu, "input_matmul"): plain_matmul}, args.steps, args.rounds),
-        compare("input_matmul (JumpReLU transcoder)", Group.of(args.d_in, [(args.width, 1e-3)], d_out=args.d_in),
-                config, pair, {(jumprelu, "input_matmul"): plain_matmul, (wiring, "input_matmul"): plain_matmul},
-                args.steps, args.rounds),
-        compare("batch_sum (JumpReLU SAE)", sae, config, x, {(jumprelu, "batch_sum"): plain_sum},
-                args.steps, args.rounds),
-        compare("batch_sum (ReLU + L1 SAE)", Group.of(args.d_in, [(args.width, 1e-3)], ["relu_l1"]), config, x,
-                {(jumprelu, "batch_sum"): plain_sum}, args.steps, args.rounds),
-        compare("after_every_read (JumpReLU SAE)", sae, config, x,
-                {(group_module, "after_every_read"): lambda grads: grads}, args.steps, args.rounds),
+    relu_l1 = Group.of(args.d_in, [(args.width, 1e-3)], ["relu_l1"])
+    transcoder = Group.of(args.d_in, [(args.width, 1e-3)], d_out=args.d_in)
+    choices = [
+        ("batch_major (JumpReLU SAE)", sae, x, {(jumprelu, "batch_major"): folded}),
+        ("input_matmul (ReLU + L1 SAE)", relu_l1, x, {(jumprelu, "input_matmul"): plain_matmul}),
+        ("input_matmul (JumpReLU transcoder)", transcoder, pair,
+         {(jumprelu, "input_matmul"): plain_matmul, (wiring, "input_matmul"): plain_matmul}),
+        ("batch_sum (JumpReLU SAE)", sae, x, {(jumprelu, "batch_sum"): plain_sum}),
+        ("batch_sum (ReLU + L1 SAE)", relu_l1, x, {(jumprelu, "batch_sum"): plain_sum}),
+        ("after_every_read (JumpReLU SAE)", sae, x, {(group_module, "after_every_read"): lambda grads: grads}),
     ]
+    results = [compare(name, group, config, rows, patches, args.steps, args.rounds)
+               for name, group, rows, patches in choices
+               if not args.only or name.split(" (")[0] in args.only]
     print(json.dumps({"d_in": args.d_in, "width": args.width, "batch": args.batch,
                       "device": str(jax.devices()[0]), "comparisons": results}))
 
