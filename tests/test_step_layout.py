@@ -65,6 +65,10 @@ def test_add_bias_gradients_are_the_sums_gradients():
     expected = 2 * (rows + bias) * upstream
     np.testing.assert_allclose(d_rows, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(d_bias, expected.sum(axis=0), rtol=1e-5, atol=1e-4)
+    # Rows of sequences ([batch, seq, width]) sum over every leading dimension.
+    d_bias_3d = jax.grad(lambda r3, b: jnp.sum(add_bias(r3, b) ** 2 * upstream.reshape(4, 16, 30).astype(np.float32)),
+                         argnums=1)(r.reshape(4, 16, 30), b)
+    np.testing.assert_allclose(d_bias_3d, expected.sum(axis=0), rtol=1e-5, atol=1e-4)
 
 
 def _batch_reductions(step, state, x, width: int) -> list[str]:
