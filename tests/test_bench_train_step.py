@@ -63,14 +63,20 @@ def test_the_summary_lists_each_layout_comparison(tmp_path):
 
 
 def test_the_layout_benchmark_sees_the_copy_the_ordering_saves():
-    """benchmarks/step_layout.py at the demo's shape: four comparisons, and the step
+    """benchmarks/step_layout.py at the demo's shape: six comparisons, and the step
     without `after_every_read` needs more temporary memory (measured 71 vs 63 MiB: the
-    W_enc copy; at tiny shapes the [batch, width] buffers set the peak either way)."""
+    W_enc copy; at tiny shapes the [batch, width] buffers set the peak either way);
+    `--only batch_sum` times just its two."""
     script = Path(__file__).parents[1] / "benchmarks" / "step_layout.py"
-    done = subprocess.run([sys.executable, str(script), "--d-in", "640", "--width", "4096", "--batch", "1024",
-                           "--steps", "1", "--rounds", "1"], capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    by_name = {c["what"]: c for c in result["comparisons"]}
-    assert len(by_name) == 4 and all(c["speedup"] > 0 for c in by_name.values())
+    shape = ["--d-in", "640", "--width", "4096", "--batch", "1024", "--steps", "1", "--rounds", "1"]
+
+    def comparisons(*extra: str) -> dict:
+        done = subprocess.run([sys.executable, str(script), *shape, *extra], capture_output=True, text=True,
+                              check=True)
+        return {c["what"]: c for c in json.loads(done.stdout.strip().splitlines()[-1])["comparisons"]}
+
+    by_name = comparisons()
+    assert len(by_name) == 6 and all(c["speedup"] > 0 for c in by_name.values())
+    assert sorted(comparisons("--only", "batch_sum")) == ["batch_sum (JumpReLU SAE)", "batch_sum (ReLU + L1 SAE)"]
     ordering = by_name["after_every_read (JumpReLU SAE)"]
     assert ordering["plain_temp_bytes"] - ordering["ours_temp_bytes"] >= 640 * 4096 * 4 // 2
