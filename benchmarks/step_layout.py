@@ -85,7 +85,7 @@ def main() -> None:
     sae = Group.of(args.d_in, [(args.width, 1e-3)])
     folded = lambda rows: rows.T  # noqa: E731 - the transpose XLA folds into the dot
     plain_matmul = lambda rows, weights: rows @ weights  # noqa: E731
-    plain_sum = lambda rows: jax.numpy.sum(rows, axis=0, dtype=jax.numpy.float32)  # noqa: E731
+    plain_sum = lambda rows: jax.numpy.sum(rows.reshape(-1, rows.shape[-1]), axis=0, dtype=jax.numpy.float32)  # noqa: E731
     relu_l1 = Group.of(args.d_in, [(args.width, 1e-3)], ["relu_l1"])
     transcoder = Group.of(args.d_in, [(args.width, 1e-3)], d_out=args.d_in)
     choices = [
