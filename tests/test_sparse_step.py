@@ -39,15 +39,16 @@ def _unwritten(shape, dtype) -> np.ndarray:
     return np.full(shape, np.nan if np.dtype(dtype).kind == "f" else 12345, dtype)
 
 
-@pytest.mark.parametrize("batch", [40, 2 * sparse_kernels.CHUNK + 37])  # one chunk, and several
-def test_kernels_against_numpy(batch):
+# One chunk and several; inputs as wide as the errors (an SAE) and narrower (a transcoder).
+@pytest.mark.parametrize("batch, d_in", [(40, 12), (2 * sparse_kernels.CHUNK + 37, 12), (40, 7)])
+def test_kernels_against_numpy(batch, d_in):
     rng = np.random.default_rng(0)
     width, d, capacity = 200, 12, 16
     slots = _padded_slots(rng, batch, width, capacity, rng.integers(0, capacity + 1, batch))
     values = rng.standard_normal((batch, capacity)).astype(np.float32) * (slots >= 0)
     table = rng.standard_normal((width, d)).astype(np.float32)
     vectors = rng.standard_normal((batch, d)).astype(np.float32)
-    inputs = rng.standard_normal((batch, d)).astype(np.float32)
+    inputs = rng.standard_normal((batch, d_in)).astype(np.float32)
     f = _dense_from_slots(slots, values, width)
 
     decoded = _unwritten((batch, d), np.float32)  # the kernels write every element of their results
@@ -55,7 +56,7 @@ def test_kernels_against_numpy(batch):
     np.testing.assert_allclose(decoded, f @ table, rtol=1e-5, atol=1e-5)
     values[rng.random(values.shape) < 0.3] = 0.0  # inactive pairs inside the band: a latent gradient, no weight terms
     f = _dense_from_slots(slots, values, width)
-    dots, decoder, encoder = (_unwritten(shape, np.float32) for shape in ((batch, capacity), (width, d), (d, width)))
+    dots, decoder, encoder = (_unwritten(shape, np.float32) for shape in ((batch, capacity), (width, d), (d_in, width)))
     sparse_kernels.backward(slots, values, vectors, inputs, table, dots, decoder, encoder)
     expected = np.where(slots >= 0, np.einsum("bd,bkd->bk", vectors, table[np.maximum(slots, 0)]), 0.0)
     np.testing.assert_allclose(dots, expected, rtol=1e-5, atol=1e-5)

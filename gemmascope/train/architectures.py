@@ -4,7 +4,8 @@
 trainer: which parameters an SAE has, which rule its step differentiates (built from
 the SAE's knob and the train section), whether it keeps a `ThresholdEstimate`, and what
 it exports as. Plain JumpReLU is not a rule here: the group step keeps its fused and
-sparse hand-written backward passes, which `arch.JumpReLU` equals (tested).
+sparse hand-written backward passes for SAEs and transcoders, which `arch.JumpReLU`
+equals (tested).
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ def rule(architecture: str, knob: float, width: int, config: TrainConfig, penalt
     """The `arch` rule of a non-JumpReLU SAE at this step. `penalty` (the warm-up factor of
     train.sparsity_warmup_steps, times a transcoder's target_mean_square, `group.make_train_step`)
     scales every sparsity penalty as it scales JumpReLU's lambda; TopK-style rules have no
-    penalty. JumpReLU comes here only as a transcoder (an SAE takes the hand-written fused step)."""
-    if architecture == JUMPRELU:
-        return arch.JumpReLU(sparsity=knob * penalty, bandwidth=config.bandwidth)
+    penalty. JumpReLU SAEs and transcoders have no rule here: they take the hand-written
+    fused step, which `arch.JumpReLU` defines (tested)."""
     if architecture == "jumprelu_target_l0":
         # The frequency penalty is priced in units of the L0 term, so it scales with it.
         return arch.TargetL0JumpReLU(target_l0=knob, l0_coefficient=config.target_l0_coefficient * penalty,

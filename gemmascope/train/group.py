@@ -7,8 +7,8 @@ is shared. Plain JumpReLU SAEs take the hand-written fused/sparse backward pass;
 other architectures take `jax.value_and_grad` of `arch.sae_loss` with their rule.
 
 A transcoder group (`d_out` set) reads paired rows [input | target], both divided by the
-input's constant C (SPEC.md 5), and every member, JumpReLU included, differentiates
-`arch.transcoder_loss` (the fused step is written for the SAE wiring).
+input's constant C (SPEC.md 5); its JumpReLU members (skip or not) take the same fused and
+sparse steps with the target, the others differentiate `arch.transcoder_loss`.
 """
 
 from __future__ import annotations
@@ -175,9 +175,9 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
     sparsity penalty: the warm-up factor, times a transcoder's `target_mean_square`.
 
     The SAEs are unrolled, not vmapped: each keeps plain 2-D matmuls, which XLA runs at
-    full speed on every backend. JumpReLU SAEs take their hand-written backward pass
-    (with `use_sparse`, `sparse.sparse_available`, the sparse path whenever the step's
-    activity allows); the others, and every transcoder, differentiate their wiring's loss
+    full speed on every backend. JumpReLU SAEs and transcoders take their hand-written
+    backward pass (with `use_sparse`, `sparse.sparse_available`, the sparse path whenever
+    the step's activity allows); the others differentiate their wiring's loss
     (`arch.sae_loss`, `arch.transcoder_loss`), with the latents unfired for
     train.dead_window_tokens as AuxK's dead mask. With `use_sparse`, a TopK SAE whose k fits
     train.sparse_max_density x width takes the sparse TopK step (`sparse_topk`), and a
@@ -185,9 +185,10 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
     """
     dead_after = dead_steps(config)
 
-    def jumprelu_step(params, x, knob, width, lam) -> MemberStep:
+    def jumprelu_step(params, x, y, knob, width, lam) -> MemberStep:
         _, out, grads, took = sparse.value_and_grad(params, x, knob * lam, config.bandwidth, config.matmul_dtype,
-                                                    sparse.capacity(width, config) if use_sparse else None)
+                                                    sparse.capacity(width, config) if use_sparse else None,
+                                                    y if group.transcoder else None)
         return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired, took, {})
 
     def topk_step(params, x, knob, dead) -> MemberStep:
@@ -223,8 +224,8 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
         results = []
         for i, (p, count, (width, knob)) in enumerate(zip(params, since_fired, group.saes, strict=True)):
             architecture = group.architecture(i)
-            if architecture == JUMPRELU and not group.transcoder:
-                results.append(jumprelu_step(p, x, knob, width, lam))
+            if architecture == JUMPRELU:
+                results.append(jumprelu_step(p, x, y, knob, width, lam))
             elif (use_sparse and architecture == "topk" and not group.transcoder
                   and int(knob) <= sparse.capacity(width, config)):
                 results.append(topk_step(p, x, knob, count >= dead_after))

@@ -14,6 +14,10 @@ Threshold gradients are summed over the batch (the cotangent of a [d_sae] vector
 The encoder input is written as x @ W_enc + (b_enc - b_dec @ W_enc): the same function
 as (x - b_dec) @ W_enc + b_enc, but the gradient to b_dec is a matrix-vector product
 instead of a [batch, d_in] matmul, so a step costs 10 * batch * d_in * d_sae FLOPs.
+
+The fused step serves both wirings of `arch.wiring`: an SAE (target x, pre-encoder bias
+b_dec) and a JumpReLU transcoder (SPEC.md 5: a target y, no pre-encoder bias, and a skip
+transcoder's x @ W_skip added to the output), selected by passing the target y.
 """
 
 from __future__ import annotations
@@ -205,50 +209,82 @@ def _matmul(a: jax.Array, b: jax.Array, dtype: str, out=jnp.float32) -> jax.Arra
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def fused_loss_fn(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, bandwidth: float,
-                  matmul_dtype: str = "float32") -> tuple[jax.Array, Outputs]:
+                  matmul_dtype: str = "float32", y: jax.Array | None = None) -> tuple[jax.Array, Outputs]:
     """`loss_fn` with one hand-written backward pass: the same values and gradients, with
     the elementwise work of both straight-through estimators done in one pass over the
     [batch, d_sae] pre-activations and exactly three backward matmuls. Training runs the
     same two passes through `dense_value_and_grad` (or the sparse path, tested against
     this); `loss_fn`, built from the two primitives above, is the readable definition
-    this is tested against. `matmul_dtype` "bfloat16" rounds the five matmuls' operands."""
-    return _fused_forward(params, x, sparsity, matmul_dtype)[0]
+    this is tested against. `matmul_dtype` "bfloat16" rounds the five matmuls' operands.
+    With a target `y` it is a JumpReLU transcoder's loss (`arch.transcoder_loss` with the
+    `arch.JumpReLU` rule): params may then carry a skip transcoder's W_skip."""
+    return _fused_forward(params, x, y, sparsity, matmul_dtype)[0]
 
 
-def encode_pre_matmul(params: JumpReLUParams, x: jax.Array, matmul_dtype: str) -> jax.Array:
-    """`encode_pre` with the matmul's operands in `matmul_dtype`."""
-    return _matmul(x, params.W_enc, matmul_dtype) + (params.b_enc - params.b_dec @ params.W_enc)
+def encode_pre_matmul(params: JumpReLUParams, x: jax.Array, matmul_dtype: str, transcoder: bool = False) -> jax.Array:
+    """`encode_pre` with the matmul's operands in `matmul_dtype`; a transcoder's has no
+    pre-encoder bias (`arch.transcoder_pre`)."""
+    bias = params.b_enc if transcoder else params.b_enc - params.b_dec @ params.W_enc
+    return _matmul(x, params.W_enc, matmul_dtype) + bias
 
 
-def _fused_forward(params, x, sparsity, matmul_dtype, pre=None):
-    pre = encode_pre_matmul(params, x, matmul_dtype) if pre is None else pre
+def output_offset(params, x: jax.Array) -> jax.Array:
+    """The part of the output the latents do not explain: b_dec, plus x @ W_skip for a skip
+    transcoder (params without a W_skip field, or with None there, have none)."""
+    W_skip = getattr(params, "W_skip", None)
+    return params.b_dec if W_skip is None else input_matmul(x, W_skip) + params.b_dec
+
+
+def decoder_bias_grad(params, g_xhat: jax.Array, d_b_enc: jax.Array, transcoder: bool = False) -> jax.Array:
+    """b_dec's gradient: it is added to the output and, in an SAE, subtracted from the
+    encoder's input (a transcoder's b_dec lives in the output space only)."""
+    added = jnp.sum(g_xhat, axis=0)
+    return added if transcoder else added - params.W_enc @ d_b_enc
+
+
+def wiring_grads(params, x: jax.Array, g_xhat: jax.Array, transcoder: bool, *, W_enc: jax.Array,
+                 b_enc: jax.Array, W_dec: jax.Array, log_threshold: jax.Array, matmul_dtype: str = "float32"):
+    """All gradients of a JumpReLU SAE or transcoder (the type of `params`) from the
+    latent side's, with the wiring's own: b_dec's, and a skip transcoder's x^T dL/dy_hat."""
+    grads = params._replace(W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, log_threshold=log_threshold,
+                            b_dec=decoder_bias_grad(params, g_xhat, b_enc, transcoder))
+    if getattr(params, "W_skip", None) is not None:
+        grads = grads._replace(W_skip=_matmul(batch_major(x), g_xhat, matmul_dtype))
+    return grads
+
+
+def _fused_forward(params, x, y, sparsity, matmul_dtype, pre=None):
+    transcoder = y is not None
+    target = y if transcoder else x
+    pre = encode_pre_matmul(params, x, matmul_dtype, transcoder) if pre is None else pre
     theta = jnp.exp(params.log_threshold)
     active = pre > theta
     f = jnp.where(active, pre, 0.0).astype(matmul_dtype)
-    diff = _matmul(f, params.W_dec, matmul_dtype) + params.b_dec - x
+    diff = _matmul(f, params.W_dec, matmul_dtype) + output_offset(params, x) - target
     error = jnp.sum(diff * diff, axis=-1)
     l0 = jnp.mean(jnp.sum(active, axis=-1, dtype=jnp.float32))
     mse = jnp.mean(error)
     loss = mse + sparsity * l0
-    centred = x - jnp.mean(x, axis=0)
+    centred = target - jnp.mean(target, axis=0)
     outputs = Outputs(loss, mse, l0, jnp.any(active, axis=0), jnp.sum(centred**2), jnp.sum(error))
     return (loss, outputs), (pre, f, diff)
 
 
-def _forward_with_residuals(params, x, sparsity, matmul_dtype, pre=None):
-    result, (pre, f, diff) = _fused_forward(params, x, sparsity, matmul_dtype, pre)
+def _forward_with_residuals(params, x, y, sparsity, matmul_dtype, pre=None):
+    result, (pre, f, diff) = _fused_forward(params, x, y, sparsity, matmul_dtype, pre)
     # float32 recomputes the latents from `pre` in the backward pass (one [batch, d_sae]
     # buffer fewer, same speed); bfloat16 keeps its half-size copy (one pass fewer).
     kept = None if matmul_dtype == "float32" else f
-    return result, (params, x, sparsity, pre, kept, diff, result[1].l0)
+    return result, (params, x, y, sparsity, pre, kept, diff, result[1].l0)
 
 
-def _fused_fwd(params, x, sparsity, bandwidth, matmul_dtype):
-    return _forward_with_residuals(params, x, sparsity, matmul_dtype)
+def _fused_fwd(params, x, sparsity, bandwidth, matmul_dtype, y):
+    return _forward_with_residuals(params, x, y, sparsity, matmul_dtype)
 
 
 def _fused_bwd(bandwidth, matmul_dtype, residuals, cotangents):
-    params, x, sparsity, pre, f, diff, l0 = residuals
+    params, x, y, sparsity, pre, f, diff, l0 = residuals
+    transcoder = y is not None
     g = cotangents[0]  # the diagnostics carry no gradient
     batch = x.shape[0]
     theta = jnp.exp(params.log_threshold)
@@ -262,28 +298,29 @@ def _fused_bwd(bandwidth, matmul_dtype, residuals, cotangents):
     # Both threshold pseudo-derivatives at once: -(1/eps) K(u) (theta * dL/df + g * lambda / B).
     band = rectangle((pre - theta) / bandwidth)
     d_theta = -(1.0 / bandwidth) * batch_sum(band * (theta * d_f + g * sparsity / batch))
-    d_b_enc = batch_sum(d_pre)
-    grads = JumpReLUParams(
-        W_enc=_matmul(batch_major(x - params.b_dec), d_pre, matmul_dtype),
-        b_enc=d_b_enc,
-        W_dec=d_W_dec,
-        b_dec=jnp.sum(g_xhat, axis=0) - params.W_enc @ d_b_enc,
-        log_threshold=d_theta * theta,
-    )
-    d_x = d_pre @ params.W_enc.T - g_xhat  # dropped by XLA unless someone differentiates x
-    return grads, d_x, g * l0
+    encoder_input = x if transcoder else x - params.b_dec
+    grads = wiring_grads(params, x, g_xhat, transcoder, W_enc=_matmul(batch_major(encoder_input), d_pre, matmul_dtype),
+                         b_enc=batch_sum(d_pre), W_dec=d_W_dec, log_threshold=d_theta * theta,
+                         matmul_dtype=matmul_dtype)
+    # Dropped by XLA unless someone differentiates x (or y).
+    d_x = d_pre @ params.W_enc.T
+    if not transcoder:
+        return grads, d_x - g_xhat, g * l0, None
+    W_skip = getattr(params, "W_skip", None)
+    return grads, d_x if W_skip is None else d_x + g_xhat @ W_skip.T, g * l0, -g_xhat
 
 
 fused_loss_fn.defvjp(_fused_fwd, _fused_bwd)
 
 
 def dense_value_and_grad(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, pre: jax.Array, *,
-                         bandwidth: float, matmul_dtype: str) -> tuple[jax.Array, Outputs, JumpReLUParams]:
+                         bandwidth: float, matmul_dtype: str, y: jax.Array | None = None
+                         ) -> tuple[jax.Array, Outputs, JumpReLUParams]:
     """(loss, diagnostics, gradients) of `fused_loss_fn` given the pre-activations already
     computed, so a caller that measured them (to choose the sparse path) pays no second
     encoder matmul."""
-    result, residuals = _forward_with_residuals(params, x, sparsity, matmul_dtype, pre)
-    grads, _, _ = _fused_bwd(bandwidth, matmul_dtype, residuals, (jnp.ones((), jnp.float32), None))
+    result, residuals = _forward_with_residuals(params, x, y, sparsity, matmul_dtype, pre)
+    grads, *_ = _fused_bwd(bandwidth, matmul_dtype, residuals, (jnp.ones((), jnp.float32), None))
     return result[0], result[1], grads
 
 

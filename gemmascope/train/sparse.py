@@ -10,6 +10,9 @@ branch when every row's pairs fit `capacity` (= train.sparse_max_density x width
 dense one otherwise, inside one compiled program (`lax.cond`); both give the same
 values and gradients.
 
+JumpReLU transcoders (SPEC.md 5) take the same step with their target y: the kernels'
+inputs are then x itself (no pre-encoder bias) and their errors y_hat - y.
+
 The kernels of `sparse_kernels` run on the host through `host_call`, so the sparse
 branch serves a single CPU device (a host training one job); with a GPU, TPU or a
 sharded mesh every step is dense.
@@ -26,14 +29,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gemmascope.config import TrainConfig
-from gemmascope.train.arch.base import Params
 from gemmascope.train.host_call import host_call, register
 from gemmascope.train.jumprelu import (
     JumpReLUParams,
     Outputs,
     dense_value_and_grad,
     encode_pre_matmul,
+    output_offset,
     rectangle,
+    wiring_grads,
 )
 
 
@@ -71,16 +75,17 @@ def run_kernel(kernel_name: str, results: list[jax.ShapeDtypeStruct], *args) -> 
 
 
 def value_and_grad(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, bandwidth: float,
-                   matmul_dtype: str, slots: int | None
+                   matmul_dtype: str, slots: int | None, y: jax.Array | None = None
                    ) -> tuple[jax.Array, Outputs, JumpReLUParams, jax.Array]:
-    """(loss, diagnostics, gradients, whether the sparse path ran) of one SAE on normalised x."""
-    pre = encode_pre_matmul(params, x, matmul_dtype)
-    dense = partial(dense_value_and_grad, bandwidth=bandwidth, matmul_dtype=matmul_dtype)
+    """(loss, diagnostics, gradients, whether the sparse path ran) of one SAE on normalised
+    x, or with a target `y` of one JumpReLU (skip) transcoder from x to y."""
+    pre = encode_pre_matmul(params, x, matmul_dtype, transcoder=y is not None)
+    dense = partial(dense_value_and_grad, bandwidth=bandwidth, matmul_dtype=matmul_dtype, y=y)
     if slots is None:
         return *dense(params, x, sparsity, pre), jnp.zeros((), bool)
     chosen, needed = select(params, pre, bandwidth, slots)
     fits = needed <= slots
-    sparse = partial(_sparse, bandwidth=bandwidth)
+    sparse = partial(_sparse, bandwidth=bandwidth, y=y)
     return *jax.lax.cond(fits, sparse, lambda p, x, s, pre, _: dense(p, x, s, pre),
                          params, x, sparsity, pre, chosen), fits
 
@@ -94,9 +99,11 @@ def select(params: JumpReLUParams, pre: jax.Array, bandwidth: float, slots: int)
                  pre, floor)
 
 
-def _sparse(params, x, sparsity, pre, chosen, *, bandwidth):
+def _sparse(params, x, sparsity, pre, chosen, *, bandwidth, y):
+    transcoder = y is not None
+    target = y if transcoder else x
     batch, width = pre.shape
-    d_in = x.shape[1]
+    d_in, d_out = x.shape[1], target.shape[1]
     slots = chosen.shape[1]
     theta = jnp.exp(params.log_threshold)
     valid = chosen >= 0
@@ -105,22 +112,22 @@ def _sparse(params, x, sparsity, pre, chosen, *, bandwidth):
     active_k = valid & (pre_k > theta_k)
     f_k = jnp.where(active_k, pre_k, 0.0)
 
-    diff = decode_pairs(params.W_dec, chosen, f_k) + params.b_dec - x
+    diff = decode_pairs(params.W_dec, chosen, f_k) + output_offset(params, x) - target
     error = jnp.sum(diff * diff, axis=-1)
     g_xhat = (2.0 / batch) * diff
     l0 = jnp.sum(active_k, dtype=jnp.float32) / batch
     loss = jnp.mean(error) + sparsity * l0
-    outputs = pairs_outputs(x, loss, error, chosen, active_k, width)
+    outputs = pairs_outputs(target, loss, error, chosen, active_k, width)
 
     d_f_k, d_W_dec, d_W_enc = run_kernel("backward", [jax.ShapeDtypeStruct((batch, slots), jnp.float32),
-                                                 jax.ShapeDtypeStruct((width, d_in), jnp.float32),
+                                                 jax.ShapeDtypeStruct((width, d_out), jnp.float32),
                                                  jax.ShapeDtypeStruct((d_in, width), jnp.float32)],
-                                    chosen, f_k, g_xhat, x - params.b_dec, params.W_dec)
+                                    chosen, f_k, g_xhat, x if transcoder else x - params.b_dec, params.W_dec)
     band_k = valid * rectangle((pre_k - theta_k) / bandwidth)
     d_theta = -(1.0 / bandwidth) * scatter_latents(width, chosen, band_k * (theta_k * d_f_k + sparsity / batch))
     d_b_enc = scatter_latents(width, chosen, jnp.where(active_k, d_f_k, 0.0))
-    grads = JumpReLUParams(W_enc=d_W_enc, b_enc=d_b_enc, W_dec=d_W_dec,
-                           b_dec=decoder_bias_grad(params, g_xhat, d_b_enc), log_threshold=d_theta * theta)
+    grads = wiring_grads(params, x, g_xhat, transcoder, W_enc=d_W_enc, b_enc=d_b_enc, W_dec=d_W_dec,
+                         log_threshold=d_theta * theta)
     return loss, outputs, grads
 
 
@@ -139,16 +146,12 @@ def scatter_latents(width: int, chosen: jax.Array, values: jax.Array) -> jax.Arr
     return jnp.zeros((width,), jnp.float32).at[jnp.maximum(chosen, 0)].add(values)
 
 
-def decoder_bias_grad(params: Params, g_xhat: jax.Array, d_b_enc: jax.Array) -> jax.Array:
-    """b_dec's gradient: it is added to x_hat and subtracted from the encoder's input."""
-    return jnp.sum(g_xhat, axis=0) - params.W_enc @ d_b_enc
-
-
-def pairs_outputs(x: jax.Array, loss: jax.Array, error: jax.Array, chosen: jax.Array, active: jax.Array,
+def pairs_outputs(target: jax.Array, loss: jax.Array, error: jax.Array, chosen: jax.Array, active: jax.Array,
                   width: int) -> Outputs:
-    """A sparse step's diagnostics; `active` [batch, slots] marks the kept pairs that fire."""
-    batch = x.shape[0]
-    centred = x - jnp.mean(x, axis=0)
+    """A sparse step's diagnostics; `active` [batch, slots] marks the kept pairs that fire,
+    `target` is what the step reconstructs (x for an SAE)."""
+    batch = target.shape[0]
+    centred = target - jnp.mean(target, axis=0)
     fired = jnp.zeros((width,), bool).at[jnp.maximum(chosen, 0)].max(active)
     return Outputs(loss, jnp.mean(error), jnp.sum(active, dtype=jnp.float32) / batch, fired,
                    jnp.sum(centred**2), jnp.sum(error))

@@ -306,9 +306,9 @@ def decode(slots: np.ndarray, values: np.ndarray, table: np.ndarray, out: np.nda
 def backward(slots: np.ndarray, latents: np.ndarray, errors: np.ndarray, inputs: np.ndarray, table: np.ndarray,
              dots: np.ndarray, decoder: np.ndarray, encoder: np.ndarray) -> None:
     """Writes the latent gradients dots [batch, capacity] = errors . table rows (0 in
-    empty slots), the decoder gradient [width, d] = latents^T errors, and the encoder
-    gradient [d, width] = inputs^T (latent gradients where the latent is active, i.e.
-    its value is non-zero).
+    empty slots), the decoder gradient [width, d_out] = latents^T errors, and the encoder
+    gradient [d_in, width] = inputs^T (latent gradients where the latent is active, i.e.
+    its value is non-zero). An SAE's inputs and errors share d; a transcoder's need not.
 
     One walk of the pairs serves all three: each pair's error row, read once, gives
     its latent gradient and its decoder-gradient term. Latents in parallel, in blocks of
@@ -320,6 +320,7 @@ def backward(slots: np.ndarray, latents: np.ndarray, errors: np.ndarray, inputs:
     """
     batch, capacity = slots.shape
     width, d = table.shape
+    d_in = inputs.shape[1]
     chunks = (batch + CHUNK - 1) // CHUNK
     starts = np.empty((chunks, width + 1), np.int64)
     pairs = np.empty((chunks, CHUNK * capacity), np.int64)
@@ -333,7 +334,7 @@ def backward(slots: np.ndarray, latents: np.ndarray, errors: np.ndarray, inputs:
     for block_index in numba.prange((width + BLOCK - 1) // BLOCK):
         j0 = block_index * BLOCK
         count = min(BLOCK, width - j0)
-        columns = np.zeros((BLOCK, d), np.float32)
+        columns = np.zeros((BLOCK, d_in), np.float32)
         decoder[j0:j0 + count] = 0.0
         for c in range(chunks):
             first = c * CHUNK
@@ -353,10 +354,11 @@ def backward(slots: np.ndarray, latents: np.ndarray, errors: np.ndarray, inputs:
                     dots[b, k] = dot
                     value = latents[b, k]
                     if value != 0.0:
-                        source = inputs[b]
                         for i in range(d):
                             row[i] += value * error[i]
+                        source = inputs[b]
+                        for i in range(d_in):
                             column[i] += dot * source[i]
-        for i in range(d):
+        for i in range(d_in):
             for offset in range(count):
                 encoder[i, j0 + offset] = columns[offset, i]

@@ -30,10 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from gemmascope.train.arch.base import Params
-from gemmascope.train.jumprelu import Outputs, encode_pre_matmul
+from gemmascope.train.jumprelu import Outputs, decoder_bias_grad, encode_pre_matmul
 from gemmascope.train.sparse import (
     decode_pairs,
-    decoder_bias_grad,
     pairs_outputs,
     run_kernel,
     scatter_latents,

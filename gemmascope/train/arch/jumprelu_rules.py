@@ -73,9 +73,9 @@ tail_step.defvjp(_tail_step_fwd, _tail_step_bwd)
 class JumpReLU:
     """SPEC.md section 2: loss = mse + sparsity * L0 (the rule a transcoder uses by default).
 
-    With the SAE wiring this is exactly `jumprelu.loss_fn`, whose fused and sparse
-    backward passes the trainer keeps for speed; this rule exists so the same
-    nonlinearity plugs into a transcoder.
+    With the SAE wiring this is exactly `jumprelu.loss_fn`; with either wiring the trainer
+    runs `jumprelu.fused_loss_fn`'s hand-written fused and sparse passes instead, for
+    speed, and this rule is the readable definition they are tested against.
     """
 
     sparsity: float

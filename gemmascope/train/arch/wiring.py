@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from gemmascope.train.arch.base import Outputs, Params, Rule
-from gemmascope.train.jumprelu import add_bias, encode_pre, init_params, input_matmul
+from gemmascope.train.jumprelu import add_bias, encode_pre, init_params, input_matmul, output_offset
 
 
 def init_sae(key: jax.Array, d_in: int, d_sae: int, threshold: float | None = None) -> Params:
@@ -55,8 +55,9 @@ def transcoder_pre(params: Params, x: jax.Array) -> jax.Array:
 
 
 def transcoder_offset(params: Params, x: jax.Array) -> jax.Array:
-    """The output not explained by latents: b_dec, plus x @ W_skip for a skip transcoder."""
-    return params.b_dec if params.W_skip is None else input_matmul(x, params.W_skip) + params.b_dec
+    """The output not explained by latents: b_dec, plus x @ W_skip for a skip transcoder
+    (`jumprelu.output_offset`, which the fused JumpReLU transcoder step shares)."""
+    return output_offset(params, x)
 
 
 def transcoder_loss(rule: Rule, params: Params, x: jax.Array, y: jax.Array, dead: jax.Array | None = None
