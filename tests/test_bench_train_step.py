@@ -13,6 +13,7 @@ import pytest
 from gemmascope.bench.summary import _train_rows, summarise
 from gemmascope.bench.train_step import measure
 from gemmascope.cli import build_parser
+from gemmascope.errors import UserError
 
 
 def parse(*extra: str):
@@ -80,3 +81,14 @@ def test_the_layout_benchmark_sees_the_copy_the_ordering_saves():
     assert sorted(comparisons("--only", "batch_sum")) == ["batch_sum (JumpReLU SAE)", "batch_sum (ReLU + L1 SAE)"]
     ordering = by_name["after_every_read (JumpReLU SAE)"]
     assert ordering["plain_temp_bytes"] - ordering["ours_temp_bytes"] >= 640 * 4096 * 4 // 2
+
+
+
+def test_the_transcoder_comparison_times_both_paths_and_needs_an_activity(tmp_path):
+    result = measure(parse("--l0-fraction", "0.05", "--d-out", "12", "--rounds", "1"))
+    assert result["d_out"] == 12 and result["l0_fraction"] == pytest.approx(0.05, abs=0.02)
+    assert result["sparse_speedup"] == pytest.approx(result["dense_step_seconds"] / result["sparse_step_seconds"])
+    (tmp_path / "sparse.json").write_text(json.dumps(result))
+    assert "| sparse JumpReLU transcoder (to 12) step (16, 64, batch 32) at L0 " in summarise(tmp_path)
+    with pytest.raises(UserError, match="--d-out"):
+        measure(parse("--d-out", "12"))

@@ -27,6 +27,7 @@ import numpy as np
 
 from gemmascope.bench import add_sae_shape, fraction, positive_float, positive_int
 from gemmascope.config import TrainConfig
+from gemmascope.errors import UserError
 from gemmascope.train.architectures import JUMPRELU
 from gemmascope.train.group import Group, initial_state, make_train_step, sharded_layout
 from gemmascope.train.jumprelu import batch_major
@@ -45,6 +46,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="the device's peak FLOP/s for MFU (default: known bf16 peaks of H100/H200/A100)")
     parser.add_argument("--l0-fraction", type=fraction, default=None,
                         help="set thresholds for this L0 / width and time the sparse step beside the dense one")
+    parser.add_argument("--d-out", type=positive_int, default=None,
+                        help="with --l0-fraction: time a JumpReLU transcoder from d_in to this width instead")
     kept = parser.add_mutually_exclusive_group()
     kept.add_argument("--topk", type=positive_int, default=None, metavar="K",
                       help="time a TopK SAE with K latents per row, its sparse step beside its dense one")
@@ -92,22 +95,23 @@ def with_density(state, x: jax.Array, fraction: float):
 
 def compiled_step(d_in: int, width: int, batch: int, group: int, dtype: str, matmul_dtype: str = "float32",
                   l0_fraction: float | None = None, use_sparse: bool = False, architecture: str = JUMPRELU,
-                  knob: float = 1e-3) -> tuple[Callable[[], jax.Array], dict]:
+                  knob: float = 1e-3, d_out: int | None = None) -> tuple[Callable[[], jax.Array], dict]:
     """(a thunk running one training step of a group of `architecture` SAEs, the i-th with
     sparsity knob `knob` x i, on a fixed random batch; the holder of its state and last
-    metrics). With `l0_fraction`, JumpReLU thresholds are set for that activity."""
+    metrics). With `l0_fraction`, JumpReLU thresholds are set for that activity; with
+    `d_out`, the group holds transcoders to that width (rows [input | target])."""
     config = TrainConfig(tokens=batch * 10**6, batch_size=batch, shuffle_rows=batch, sparsity_warmup_steps=1,
                          matmul_dtype=matmul_dtype)
-    members = Group.of(d_in, [(width, knob * (i + 1)) for i in range(group)], [architecture] * group)
+    members = Group.of(d_in, [(width, knob * (i + 1)) for i in range(group)], [architecture] * group, d_out=d_out)
     mesh = make_mesh(config)
     _, shardings = sharded_layout(members, config, mesh)
     state = initial_state(members, config, shardings)
     step = jax.jit(make_train_step(members, config, scale=1.0, use_sparse=use_sparse),
                    in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
                    donate_argnums=0)
-    x = jax.random.normal(jax.random.key(1), (batch, d_in), jnp.float32).astype(dtype)
+    x = jax.random.normal(jax.random.key(1), (batch, d_in + (d_out or 0)), jnp.float32).astype(dtype)
     if l0_fraction is not None:
-        state = with_density(state, x, l0_fraction)
+        state = with_density(state, x[:, :d_in], l0_fraction)
     holder = {"state": state}
 
     def one_step():
@@ -119,10 +123,11 @@ def compiled_step(d_in: int, width: int, batch: int, group: int, dtype: str, mat
 
 def step_seconds(d_in: int, width: int, batch: int, group: int, dtype: str, steps: int,
                  matmul_dtype: str = "float32", l0_fraction: float | None = None, use_sparse: bool = False,
-                 measured: dict | None = None, architecture: str = JUMPRELU, knob: float = 1e-3) -> float:
+                 measured: dict | None = None, architecture: str = JUMPRELU, knob: float = 1e-3,
+                 d_out: int | None = None) -> float:
     """Best seconds per step of `compiled_step`; `measured` receives the last L0."""
     one_step, holder = compiled_step(d_in, width, batch, group, dtype, matmul_dtype, l0_fraction, use_sparse,
-                                     architecture, knob)
+                                     architecture, knob, d_out)
     seconds = best_seconds(one_step, steps)
     if measured is not None:
         measured["l0"] = float(np.mean(holder["metrics"]["l0"]))
@@ -178,14 +183,14 @@ def measure_sparse(args: argparse.Namespace) -> dict:
     dense, sparse, measured = [], [], {}
     kept = {"topk": args.topk, "batchtopk": args.batchtopk, "matryoshka_batchtopk": args.matryoshka}
     architecture = next((name for name, k in kept.items() if k is not None), JUMPRELU)
-    kind = ({"l0_fraction": args.l0_fraction} if architecture == JUMPRELU
+    kind = ({"l0_fraction": args.l0_fraction, "d_out": args.d_out} if architecture == JUMPRELU
             else {"architecture": architecture, "knob": float(kept[architecture])})
     for _ in range(args.rounds):
         dense.append(step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps, **kind))
         sparse.append(step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps,
                                    use_sparse=True, measured=measured, **kind))
     return {
-        "d_in": args.d_in, "width": args.width, "batch": args.batch, "group": args.group,
+        "d_in": args.d_in, "d_out": args.d_out, "width": args.width, "batch": args.batch, "group": args.group,
         "architecture": architecture,
         "devices": [str(d) for d in jax.devices()][:1],
         "l0": measured["l0"], "l0_fraction": measured["l0"] / args.width,
@@ -196,7 +201,11 @@ def measure_sparse(args: argparse.Namespace) -> dict:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    if args.l0_fraction is not None or any(k is not None for k in (args.topk, args.batchtopk, args.matryoshka)):
+    topk_style = any(k is not None for k in (args.topk, args.batchtopk, args.matryoshka))
+    if args.d_out is not None and (args.l0_fraction is None or topk_style):
+        raise UserError("bench train-step: --d-out times a JumpReLU transcoder's sparse step: give --l0-fraction "
+                        "(and no --topk, --batchtopk or --matryoshka)")
+    if args.l0_fraction is not None or topk_style:
         return measure_sparse(args)
     flops = 10.0 * args.batch * args.d_in * args.width * args.group
     repeats = max(args.steps, 5)
