@@ -6,7 +6,7 @@
 - `batch_major`: the JumpReLU step's encoder gradient from a stored [d_in, batch] copy
   of the rows, against the transpose XLA folds into the matmul;
 - `input_matmul`: the same for the autodiff path of the other architectures (ReLU + L1
-  here) and of transcoders (a JumpReLU transcoder);
+  here) and of their transcoders (a target-L0 JumpReLU transcoder);
 - `batch_sum`: every per-latent sum over the batch (the bias and threshold gradients)
   as a matrix-vector product, against XLA's reduction over the leading dimension, in
   the JumpReLU step and on the autodiff path (ReLU + L1);
@@ -87,11 +87,12 @@ def main() -> None:
     plain_matmul = lambda rows, weights: rows @ weights  # noqa: E731
     plain_sum = lambda rows: jax.numpy.sum(rows.reshape(-1, rows.shape[-1]), axis=0, dtype=jax.numpy.float32)  # noqa: E731
     relu_l1 = Group.of(args.d_in, [(args.width, 1e-3)], ["relu_l1"])
-    transcoder = Group.of(args.d_in, [(args.width, 1e-3)], d_out=args.d_in)
+    # JumpReLU transcoders take the fused step; Gemma Scope 2's target-L0 ones differentiate the rule.
+    transcoder = Group.of(args.d_in, [(args.width, 45)], ["jumprelu_target_l0"], d_out=args.d_in)
     choices = [
         ("batch_major (JumpReLU SAE)", sae, x, {(jumprelu, "batch_major"): folded}),
         ("input_matmul (ReLU + L1 SAE)", relu_l1, x, {(jumprelu, "input_matmul"): plain_matmul}),
-        ("input_matmul (JumpReLU transcoder)", transcoder, pair,
+        ("input_matmul (target-L0 transcoder)", transcoder, pair,
          {(jumprelu, "input_matmul"): plain_matmul, (wiring, "input_matmul"): plain_matmul}),
         ("batch_sum (JumpReLU SAE)", sae, x, {(jumprelu, "batch_sum"): plain_sum}),
         ("batch_sum (ReLU + L1 SAE)", relu_l1, x, {(jumprelu, "batch_sum"): plain_sum}),

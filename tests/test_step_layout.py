@@ -81,15 +81,17 @@ def _batch_reductions(step, state, x, width: int) -> list[str]:
 
 def test_no_step_reduces_a_batch_of_latents_the_slow_way():
     """XLA's CPU reduction over the batch of a [batch, width] array runs at ~1 GB/s; every
-    per-latent sum of the JumpReLU, ReLU + L1 and TopK steps and of a JumpReLU transcoder
-    goes through `batch_sum` instead."""
+    per-latent sum of the JumpReLU, ReLU + L1 and TopK steps and of the JumpReLU (fused)
+    and target-L0 (autodiff) transcoders goes through `batch_sum` instead."""
     d_in, width, batch = 32, 256, 64
     config = TrainConfig(tokens=batch * 100, batch_size=batch, shuffle_rows=batch, sparsity_warmup_steps=1)
     x = jnp.ones((batch, d_in), jnp.float32)
     groups = {"jumprelu": (Group.of(d_in, [(width, 1e-3)]), x),
               "relu_l1": (Group.of(d_in, [(width, 1e-3)], ["relu_l1"]), x),
               "topk": (Group.of(d_in, [(width, 8.0)], ["topk"]), x),
-              "transcoder": (Group.of(d_in, [(width, 1e-3)], d_out=d_in), jnp.concatenate([x, x], axis=1))}
+              "transcoder": (Group.of(d_in, [(width, 1e-3)], d_out=d_in), jnp.concatenate([x, x], axis=1)),
+              "target_l0_transcoder": (Group.of(d_in, [(width, 45.0)], ["jumprelu_target_l0"], d_out=d_in),
+                                       jnp.concatenate([x, x], axis=1))}
     for name, (group, rows) in groups.items():
         step = jax.jit(make_train_step(group, config, 1.0), donate_argnums=0)
         state = init_state(group, config, jax.random.key(0))
