@@ -92,3 +92,27 @@ def test_the_transcoder_comparison_times_both_paths_and_needs_an_activity(tmp_pa
     assert "| sparse JumpReLU transcoder (to 12) step (16, 64, batch 32) at L0 " in summarise(tmp_path)
     with pytest.raises(UserError, match="--d-out"):
         measure(parse("--d-out", "12"))
+
+
+def test_the_thunk_profile_accounts_for_the_step_and_shows_the_sparse_kernels():
+    """benchmarks/step_thunks.py reads XLA's trace back: the dense step's thunks without a
+    host kernel or branch, the sparse step's with its pair selection (a host kernel) and
+    the conditional holding both paths, and the last step's timeline made of the
+    profiled thunks."""
+    script = Path(__file__).parents[1] / "benchmarks" / "step_thunks.py"
+    shape = ["--d-in", "64", "--width", "512", "--batch", "128", "--l0-fraction", "0.02"]
+
+    def profile(*extra: str) -> dict:
+        done = subprocess.run([sys.executable, str(script), *shape, *extra], capture_output=True, text=True,
+                              check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    for extra, sparse in (((), False), (("--sparse",), True)):
+        result = profile(*extra)
+        names = {t["thunk"] for t in result["thunks"]}
+        assert len(names) > 10 and sum(t["ms_per_step"] for t in result["thunks"]) > 0
+        assert any(name.startswith("ffi_call") for name in names) == sparse, sorted(names)
+        assert any(name.startswith("cond") for name in names) == sparse, sorted(names)
+        timeline = result["last_step_timeline"]
+        assert timeline and {t["thunk"] for t in timeline} <= names
+        assert all(t["start_ms"] >= 0 and t["ms"] >= 0 for t in timeline)
