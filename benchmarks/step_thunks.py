@@ -26,6 +26,7 @@ import jax
 from gemmascope.bench.train_step import compiled_step
 from gemmascope.huge_pages import reexec_with_huge_pages
 
+
 def trace_events(directory: str) -> list[dict]:
     """The complete ('X') events of the Perfetto trace jax.profiler wrote under `directory`."""
     [path] = glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True)
