@@ -23,6 +23,7 @@ import optax
 from gemmascope.config import TrainConfig, sae_name
 from gemmascope.train import arch, sparse, sparse_topk
 from gemmascope.train.architectures import ESTIMATED, JUMPRELU, init_member, rule
+from gemmascope.train.jumprelu import encode_pre_matmul
 from gemmascope.train.mesh import tree_shardings
 from gemmascope.train.optim import (
     make_optimizer,
@@ -177,7 +178,9 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
     The SAEs are unrolled, not vmapped: each keeps plain 2-D matmuls, which XLA runs at
     full speed on every backend. JumpReLU SAEs and transcoders take their hand-written
     backward pass (with `use_sparse`, `sparse.sparse_available`, the sparse path whenever
-    the step's activity allows); the others differentiate their wiring's loss
+    the step's activity allows), and with `use_sparse` so do target-L0 JumpReLU SAEs and
+    transcoders (`sparse.pairs_value_and_grad` with the rule's penalty; autodiff of the
+    rule when a row's pairs do not fit); the others differentiate their wiring's loss
     (`arch.sae_loss`, `arch.transcoder_loss`), with the latents unfired for
     train.dead_window_tokens as AuxK's dead mask. With `use_sparse`, a TopK SAE whose k fits
     train.sparse_max_density x width takes the sparse TopK step (`sparse_topk`), and a
@@ -190,6 +193,22 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
                                                     sparse.capacity(width, config) if use_sparse else None,
                                                     y if group.transcoder else None)
         return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired, took, {})
+
+    def target_l0_step(params, x, y, knob, width, lam, dead) -> MemberStep:
+        target_l0 = rule("jumprelu_target_l0", knob, width, config, lam)
+        capacity = sparse.capacity(width, config)
+        pre = encode_pre_matmul(params, x, config.matmul_dtype, transcoder=group.transcoder)
+        chosen, needed = sparse.select(params, pre, config.bandwidth, capacity)
+
+        def sparse_member_step() -> MemberStep:
+            _, out, grads, terms = sparse.pairs_value_and_grad(params, x, y if group.transcoder else None, pre,
+                                                               chosen, target_l0.penalty, bandwidth=config.bandwidth,
+                                                               tail=True)
+            return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired,
+                              jnp.ones((), bool), terms)
+
+        return jax.lax.cond(needed <= capacity, sparse_member_step,
+                            lambda: rule_step(params, x, y, knob, width, lam, "jumprelu_target_l0", dead))
 
     def topk_step(params, x, knob, dead) -> MemberStep:
         pre, chosen, f_k = sparse_topk.topk_pairs(params, x, int(knob))
@@ -226,6 +245,8 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
             architecture = group.architecture(i)
             if architecture == JUMPRELU:
                 results.append(jumprelu_step(p, x, y, knob, width, lam))
+            elif use_sparse and architecture == "jumprelu_target_l0":
+                results.append(target_l0_step(p, x, y, knob, width, lam, count >= dead_after))
             elif (use_sparse and architecture == "topk" and not group.transcoder
                   and int(knob) <= sparse.capacity(width, config)):
                 results.append(topk_step(p, x, knob, count >= dead_after))

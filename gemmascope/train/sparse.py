@@ -21,6 +21,7 @@ sharded mesh every step is dense.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from functools import partial
 
 import jax
@@ -85,7 +86,12 @@ def value_and_grad(params: JumpReLUParams, x: jax.Array, sparsity: jax.Array, ba
         return *dense(params, x, sparsity, pre), jnp.zeros((), bool)
     chosen, needed = select(params, pre, bandwidth, slots)
     fits = needed <= slots
-    sparse = partial(_sparse, bandwidth=bandwidth, y=y)
+
+    def sparse(p, x, s, pre, chosen):
+        loss, outputs, grads, _ = pairs_value_and_grad(p, x, y, pre, chosen, lambda l0, _: (s * l0, {}),
+                                                       bandwidth=bandwidth, tail=False)
+        return loss, outputs, grads
+
     return *jax.lax.cond(fits, sparse, lambda p, x, s, pre, _: dense(p, x, s, pre),
                          params, x, sparsity, pre, chosen), fits
 
@@ -99,7 +105,19 @@ def select(params: JumpReLUParams, pre: jax.Array, bandwidth: float, slots: int)
                  pre, floor)
 
 
-def _sparse(params, x, sparsity, pre, chosen, *, bandwidth, y):
+def pairs_value_and_grad(params, x: jax.Array, y: jax.Array | None, pre: jax.Array, chosen: jax.Array,
+                         penalty: Callable, *, bandwidth: float, tail: bool):
+    """(loss, diagnostics, gradients, penalty terms) of a JumpReLU SAE (or, with y, transcoder)
+    from its kept pairs `chosen` (`select`'s, which must hold every pair with pre > theta -
+    bandwidth).
+
+    `penalty(l0, frequency)` -> (value, named terms) is the sparsity penalty as a function of
+    the batch's L0 and each latent's firing frequency [width] (lambda * L0 for Gemma Scope,
+    `arch.TargetL0JumpReLU.penalty`); its derivatives w with respect to a pair's activity
+    H(pre - theta) reach the thresholds through H's pseudo-derivative: the rectangle kernel
+    -(1/eps) K(u) of `jumprelu.step`, and with `tail` also `tail_step`'s -H / max(s, eps) (s
+    the latent's mean excess over its active rows): both non-zero only at kept pairs.
+    """
     transcoder = y is not None
     target = y if transcoder else x
     batch, width = pre.shape
@@ -116,19 +134,26 @@ def _sparse(params, x, sparsity, pre, chosen, *, bandwidth, y):
     error = jnp.sum(diff * diff, axis=-1)
     g_xhat = (2.0 / batch) * diff
     l0 = jnp.sum(active_k, dtype=jnp.float32) / batch
-    loss = jnp.mean(error) + sparsity * l0
+    counts = scatter_latents(width, chosen, active_k.astype(jnp.float32))  # dropped if `penalty` ignores it
+    (value, terms), (d_l0, d_frequency) = jax.value_and_grad(penalty, argnums=(0, 1), has_aux=True)(l0, counts / batch)
+    loss = jnp.mean(error) + value
     outputs = pairs_outputs(target, loss, error, chosen, active_k, width)
+    pair_weight = (d_l0 + d_frequency) / batch  # [width] dL/dH(pre - theta) at each of a latent's rows
 
     d_f_k, d_W_dec, d_W_enc = run_kernel("backward", [jax.ShapeDtypeStruct((batch, slots), jnp.float32),
                                                  jax.ShapeDtypeStruct((width, d_out), jnp.float32),
                                                  jax.ShapeDtypeStruct((d_in, width), jnp.float32)],
                                     chosen, f_k, g_xhat, x if transcoder else x - params.b_dec, params.W_dec)
     band_k = valid * rectangle((pre_k - theta_k) / bandwidth)
-    d_theta = -(1.0 / bandwidth) * scatter_latents(width, chosen, band_k * (theta_k * d_f_k + sparsity / batch))
+    d_theta = -(1.0 / bandwidth) * scatter_latents(width, chosen, band_k * (theta_k * d_f_k + pair_weight[index]))
+    if tail:
+        excess = scatter_latents(width, chosen, jnp.where(active_k, pre_k - theta_k, 0.0))
+        mean_excess = excess / jnp.maximum(counts, 1.0)
+        d_theta = d_theta - pair_weight * counts / jnp.maximum(mean_excess, bandwidth)
     d_b_enc = scatter_latents(width, chosen, jnp.where(active_k, d_f_k, 0.0))
     grads = wiring_grads(params, x, g_xhat, transcoder, W_enc=d_W_enc, b_enc=d_b_enc, W_dec=d_W_dec,
                          log_threshold=d_theta * theta)
-    return loss, outputs, grads
+    return loss, outputs, grads, terms
 
 
 # The pieces every sparse step shares, whatever picks its kept (row, latent) pairs:

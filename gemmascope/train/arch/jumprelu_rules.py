@@ -128,12 +128,16 @@ class TargetL0JumpReLU:
              dead: jax.Array | None) -> tuple[jax.Array, Outputs]:
         f, y_hat, mse = _forward(params, pre, offset, y, self.bandwidth)
         active = tail_step(pre, threshold(params), self.bandwidth)
-        l0 = jnp.mean(jnp.sum(active, axis=-1))
+        penalty, terms = self.penalty(jnp.mean(jnp.sum(active, axis=-1)), batch_sum(active) / active.shape[0])
+        loss = mse + penalty
+        return loss, summarise(loss, y, y_hat, f, active, terms)
+
+    def penalty(self, l0: jax.Array, frequency: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(the L0 and frequency penalties' sum, the named terms) from the batch's L0 and each
+        latent's firing frequency [d_sae]; the sparse step differentiates it on its own."""
         l0_penalty = self.l0_coefficient * (l0 / self.target_l0 - 1.0) ** 2
-        frequency = batch_sum(active) / active.shape[0]
         dense_price = 2.0 * self.l0_coefficient * self.frequency_coefficient / self.target_l0
         frequency_penalty = dense_price * jnp.sum(jax.nn.relu(frequency - self.frequency_threshold))
-        loss = mse + l0_penalty + frequency_penalty
         terms = {"l0_penalty": l0_penalty, "frequency_penalty": frequency_penalty,
                  "dense_latents": jnp.sum(frequency > self.frequency_threshold)}
-        return loss, summarise(loss, y, y_hat, f, active, terms)
+        return l0_penalty + frequency_penalty, terms
