@@ -85,11 +85,13 @@ def test_the_layout_benchmark_sees_the_copy_the_ordering_saves():
 
 
 def test_the_transcoder_comparison_times_both_paths_and_needs_an_activity(tmp_path):
-    result = measure(parse("--l0-fraction", "0.05", "--d-out", "12", "--rounds", "1"))
-    assert result["d_out"] == 12 and result["l0_fraction"] == pytest.approx(0.05, abs=0.02)
+    result = measure(parse("--l0-fraction", "0.01", "--d-out", "12", "--d-in", "64", "--width", "512", "--batch", "256",
+                             "--rounds", "1"))
+    assert result["d_out"] == 12 and result["l0_fraction"] == pytest.approx(0.01, abs=0.005)
+    assert result["sparse_path_ran"]
     assert result["sparse_speedup"] == pytest.approx(result["dense_step_seconds"] / result["sparse_step_seconds"])
     (tmp_path / "sparse.json").write_text(json.dumps(result))
-    assert "| sparse JumpReLU transcoder (to 12) step (16, 64, batch 32) at L0 " in summarise(tmp_path)
+    assert "| sparse JumpReLU transcoder (to 12) step (64, 512, batch 256) at L0 " in summarise(tmp_path)
     with pytest.raises(UserError, match="--d-out"):
         measure(parse("--d-out", "12"))
 
@@ -116,3 +118,14 @@ def test_the_thunk_profile_accounts_for_the_step_and_shows_the_sparse_kernels():
         timeline = result["last_step_timeline"]
         assert timeline and {t["thunk"] for t in timeline} <= names
         assert all(t["start_ms"] >= 0 and t["ms"] >= 0 for t in timeline)
+
+
+def test_the_target_l0_comparison_times_its_sparse_step(tmp_path):
+    result = measure(parse("--l0-fraction", "0.01", "--target-l0", "3", "--d-in", "64", "--width", "512", "--batch", "256",
+                             "--rounds", "1"))
+    assert result["architecture"] == "jumprelu_target_l0" and result["l0_fraction"] == pytest.approx(0.01, abs=0.005)
+    assert result["sparse_path_ran"]
+    (tmp_path / "sparse.json").write_text(json.dumps(result))
+    assert "| sparse target-L0 JumpReLU step (64, 512, batch 256) at L0 " in summarise(tmp_path)
+    with pytest.raises(UserError, match="--target-l0"):
+        measure(parse("--target-l0", "3"))

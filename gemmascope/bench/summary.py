@@ -79,10 +79,10 @@ def summarise(directory: Path) -> str:
                 continue
             r = json.loads(line)
             if "sparse_speedup" in r:
-                kind = {"topk": "TopK ", "batchtopk": "BatchTopK ",
-                        "matryoshka_batchtopk": "Matryoshka BatchTopK "}.get(r.get("architecture"), "")
+                kind = {"topk": "TopK ", "batchtopk": "BatchTopK ", "matryoshka_batchtopk": "Matryoshka BatchTopK ",
+                        "jumprelu_target_l0": "target-L0 JumpReLU "}.get(r.get("architecture"), "")
                 if r.get("d_out") is not None:
-                    kind = f"JumpReLU transcoder (to {r['d_out']}) "
+                    kind = f"{kind or 'JumpReLU '}transcoder (to {r['d_out']}) "
                 rows.append((f"sparse {kind}step ({r['d_in']}, {r['width']}, batch {r['batch']}) at L0 {r['l0']:.0f} "
                              f"({r['l0_fraction']:.1%} of width)",
                              f"{r['sparse_tokens_per_s']:,.0f} vs {r['dense_tokens_per_s']:,.0f} tok/s dense: "

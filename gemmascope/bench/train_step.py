@@ -48,6 +48,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="set thresholds for this L0 / width and time the sparse step beside the dense one")
     parser.add_argument("--d-out", type=positive_int, default=None,
                         help="with --l0-fraction: time a JumpReLU transcoder from d_in to this width instead")
+    parser.add_argument("--target-l0", type=positive_float, default=None, metavar="T",
+                        help="with --l0-fraction: time a target-L0 JumpReLU SAE (or transcoder) with target T")
     kept = parser.add_mutually_exclusive_group()
     kept.add_argument("--topk", type=positive_int, default=None, metavar="K",
                       help="time a TopK SAE with K latents per row, its sparse step beside its dense one")
@@ -125,12 +127,14 @@ def step_seconds(d_in: int, width: int, batch: int, group: int, dtype: str, step
                  matmul_dtype: str = "float32", l0_fraction: float | None = None, use_sparse: bool = False,
                  measured: dict | None = None, architecture: str = JUMPRELU, knob: float = 1e-3,
                  d_out: int | None = None) -> float:
-    """Best seconds per step of `compiled_step`; `measured` receives the last L0."""
+    """Best seconds per step of `compiled_step`; `measured` receives the last step's L0 and
+    whether every SAE of it took the sparse path."""
     one_step, holder = compiled_step(d_in, width, batch, group, dtype, matmul_dtype, l0_fraction, use_sparse,
                                      architecture, knob, d_out)
     seconds = best_seconds(one_step, steps)
     if measured is not None:
         measured["l0"] = float(np.mean(holder["metrics"]["l0"]))
+        measured["sparse_step"] = bool(np.all(holder["metrics"]["sparse_step"]))
     return seconds
 
 
@@ -177,14 +181,19 @@ def streaming_bytes_per_s(d_in: int, width: int, repeats: int) -> float:
 
 
 def measure_sparse(args: argparse.Namespace) -> dict:
-    """Dense and sparse steps at the same activity (JumpReLU at --l0-fraction, or TopK,
-    BatchTopK and Matryoshka BatchTopK with --topk, --batchtopk and --matryoshka latents
-    per row), alternating, best of each."""
+    """Dense and sparse steps at the same activity (JumpReLU, or target-L0 JumpReLU with
+    --target-l0, at --l0-fraction, an SAE or with --d-out a transcoder; or TopK, BatchTopK
+    and Matryoshka BatchTopK with --topk, --batchtopk and --matryoshka latents per row),
+    alternating, best of each."""
     dense, sparse, measured = [], [], {}
     kept = {"topk": args.topk, "batchtopk": args.batchtopk, "matryoshka_batchtopk": args.matryoshka}
-    architecture = next((name for name, k in kept.items() if k is not None), JUMPRELU)
-    kind = ({"l0_fraction": args.l0_fraction, "d_out": args.d_out} if architecture == JUMPRELU
-            else {"architecture": architecture, "knob": float(kept[architecture])})
+    architecture = next((name for name, k in kept.items() if k is not None), None)
+    if architecture is not None:
+        kind = {"architecture": architecture, "knob": float(kept[architecture])}
+    else:
+        architecture = JUMPRELU if args.target_l0 is None else "jumprelu_target_l0"
+        kind = {"architecture": architecture, "knob": args.target_l0 or 1e-3, "l0_fraction": args.l0_fraction,
+                "d_out": args.d_out}
     for _ in range(args.rounds):
         dense.append(step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps, **kind))
         sparse.append(step_seconds(args.d_in, args.width, args.batch, args.group, args.dtype, args.steps,
@@ -194,6 +203,7 @@ def measure_sparse(args: argparse.Namespace) -> dict:
         "architecture": architecture,
         "devices": [str(d) for d in jax.devices()][:1],
         "l0": measured["l0"], "l0_fraction": measured["l0"] / args.width,
+        "sparse_path_ran": measured["sparse_step"],  # false: a row's pairs did not fit, the "sparse" step was dense
         "dense_step_seconds": min(dense), "sparse_step_seconds": min(sparse),
         "dense_tokens_per_s": args.batch / min(dense), "sparse_tokens_per_s": args.batch / min(sparse),
         "sparse_speedup": min(dense) / min(sparse),
@@ -202,9 +212,10 @@ def measure_sparse(args: argparse.Namespace) -> dict:
 
 def measure(args: argparse.Namespace) -> dict:
     topk_style = any(k is not None for k in (args.topk, args.batchtopk, args.matryoshka))
-    if args.d_out is not None and (args.l0_fraction is None or topk_style):
-        raise UserError("bench train-step: --d-out times a JumpReLU transcoder's sparse step: give --l0-fraction "
-                        "(and no --topk, --batchtopk or --matryoshka)")
+    for flag, value in (("--d-out", args.d_out), ("--target-l0", args.target_l0)):
+        if value is not None and (args.l0_fraction is None or topk_style):
+            raise UserError(f"bench train-step: {flag} times a JumpReLU step's sparse path: give --l0-fraction "
+                            "(and no --topk, --batchtopk or --matryoshka)")
     if args.l0_fraction is not None or topk_style:
         return measure_sparse(args)
     flops = 10.0 * args.batch * args.d_in * args.width * args.group
