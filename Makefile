@@ -77,6 +77,8 @@ bench: $(STAMP) bench-peers
 		> $(RESULTS)/train-step-sparse-65k.json
 	$(BIN)/gemmascope bench train-step --d-in 2304 --d-out 2304 --width 16384 --batch 4096 --l0-fraction 0.01 \
 		--steps 2 --json > $(RESULTS)/train-step-sparse-transcoder.json
+	$(BIN)/gemmascope bench train-step --d-in 2304 --width 16384 --batch 4096 --l0-fraction 0.01 --target-l0 45 \
+		--steps 2 --json > $(RESULTS)/train-step-sparse-target-l0.json
 	$(BIN)/gemmascope bench train-step --d-in 2304 --width 16384 --batch 4096 --topk 32 --steps 2 --json \
 		> $(RESULTS)/train-step-sparse-topk.json
 	$(BIN)/gemmascope bench train-step --d-in 2304 --width 16384 --batch 4096 --batchtopk 32 --steps 2 --json \
