@@ -17,8 +17,9 @@ import pytest
 
 from gemmascope.config import TrainConfig
 from gemmascope.train import arch, sparse
-from gemmascope.train.group import Group, init_state, make_train_step
+from gemmascope.train.group import Group, init_state
 from gemmascope.train.jumprelu import encode_pre_matmul
+from tests.train_helpers import assert_same_grads, assert_same_trained_params, train_both_ways
 
 D_IN, D_OUT, WIDTH, BATCH, BANDWIDTH = 24, 20, 384, 128, 0.05
 RULE = arch.TargetL0JumpReLU(target_l0=30.0, l0_coefficient=2.0, frequency_threshold=0.03,
@@ -69,15 +70,7 @@ def test_sparse_target_l0_step_equals_autodiff_of_the_rule(transcoder, skip):
     assert np.array_equal(out.fired, ref_out.fired)
     for name, value in ref_out.terms.items():
         np.testing.assert_allclose(terms[name], value, rtol=1e-5, err_msg=name)
-    for field in ref_grads._fields:
-        expected = getattr(ref_grads, field)
-        if expected is None:
-            assert getattr(grads, field) is None, field
-            continue
-        expected = np.asarray(expected)
-        assert np.abs(expected).max() > 0, field
-        np.testing.assert_allclose(np.asarray(getattr(grads, field)), expected, rtol=1e-4,
-                                   atol=1e-5 * np.abs(expected).max(), err_msg=field)
+    assert_same_grads(grads, ref_grads)
 
 
 @pytest.mark.parametrize("transcoder", [False, True], ids=["sae", "transcoder"])
@@ -96,19 +89,8 @@ def test_target_l0_training_steps_equal_with_and_without_the_sparse_path(transco
         fresh = state.params[0]  # the trainer's container for this architecture
         start = fresh._replace(**{field: getattr(params, field) for field in fresh._fields})
         state = state._replace(params=(start, start._replace(b_enc=start.b_enc * 0.5)))
-        dense_step = jax.jit(make_train_step(group, config, scale=1.0, target_mean_square=2.0))
-        sparse_step = jax.jit(make_train_step(group, config, scale=1.0, target_mean_square=2.0, use_sparse=True))
-        dense_state, sparse_state = state, state
-        for _ in range(5):
-            dense_state, dense_metrics = dense_step(dense_state, rows)
-            sparse_state, sparse_metrics = sparse_step(sparse_state, rows)
+        dense_state, dense_metrics, sparse_state, sparse_metrics = train_both_ways(group, config, state, rows)
         assert bool(sparse_metrics["sparse_step"].all()) == took and not dense_metrics["sparse_step"].any()
         for name in ("l0", "fvu", "loss"):
             np.testing.assert_allclose(sparse_metrics[name], dense_metrics[name], rtol=1e-4, err_msg=name)
-        for dense_p, sparse_p, initial in zip(dense_state.params, sparse_state.params, state.params, strict=True):
-            for field in dense_p._fields:
-                if getattr(dense_p, field) is None:
-                    continue
-                assert not np.allclose(getattr(dense_p, field), getattr(initial, field)), field  # it trained
-                np.testing.assert_allclose(getattr(sparse_p, field), getattr(dense_p, field), rtol=1e-4, atol=1e-6,
-                                           err_msg=field)
+        assert_same_trained_params(dense_state.params, sparse_state.params, state.params)

@@ -15,8 +15,9 @@ import pytest
 
 from gemmascope.config import TrainConfig
 from gemmascope.train import arch, sparse
-from gemmascope.train.group import Group, init_state, make_train_step
+from gemmascope.train.group import Group, init_state
 from gemmascope.train.jumprelu import fused_loss_fn
+from tests.train_helpers import assert_same_grads, assert_same_trained_params, train_both_ways
 
 D_IN, D_OUT, WIDTH, BATCH, BANDWIDTH = 24, 20, 384, 128, 0.05
 
@@ -47,18 +48,6 @@ def _reference(params, x, y, sparsity):
     return jax.value_and_grad(lambda p: arch.transcoder_loss(rule, p, x, y), has_aux=True)(params)
 
 
-def _assert_same_grads(got, expected_grads):
-    for field in expected_grads._fields:
-        expected = getattr(expected_grads, field)
-        if expected is None:
-            assert getattr(got, field) is None, field
-            continue
-        expected = np.asarray(expected)
-        assert np.abs(expected).max() > 0, field
-        np.testing.assert_allclose(np.asarray(getattr(got, field)), expected, rtol=1e-4,
-                                   atol=1e-5 * np.abs(expected).max(), err_msg=field)
-
-
 @pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
 @pytest.mark.parametrize("sparsity", [0.0, 3e-3])
 def test_fused_step_equals_autodiff_of_the_rule(skip, sparsity):
@@ -73,7 +62,7 @@ def test_fused_step_equals_autodiff_of_the_rule(skip, sparsity):
     for field in ("mse", "l0", "total_variance", "error_sum"):
         np.testing.assert_allclose(getattr(out, field), getattr(ref_out, field), rtol=1e-5, err_msg=field)
     assert np.array_equal(out.fired, ref_out.fired)
-    _assert_same_grads(grads, ref_grads)
+    assert_same_grads(grads, ref_grads)
 
     # Input and target gradients too (for users who differentiate through a transcoder).
     rule = arch.JumpReLU(sparsity=sparsity, bandwidth=BANDWIDTH)
@@ -100,7 +89,7 @@ def test_sparse_step_equals_autodiff_of_the_rule(skip, slots, branch):
     for field in ("mse", "l0", "total_variance", "error_sum"):
         np.testing.assert_allclose(getattr(out, field), getattr(ref_out, field), rtol=1e-5, err_msg=field)
     assert np.array_equal(out.fired, ref_out.fired)
-    _assert_same_grads(grads, ref_grads)
+    assert_same_grads(grads, ref_grads)
 
 
 def test_transcoder_training_steps_equal_with_and_without_the_sparse_path():
@@ -117,19 +106,8 @@ def test_transcoder_training_steps_equal_with_and_without_the_sparse_path():
     floor = np.exp(np.asarray(plain.log_threshold, np.float64)) - BANDWIDTH
     assert (_pre(plain, x) > floor).sum(axis=1).max() <= sparse.capacity(WIDTH, config)
     rows = jnp.concatenate([x, y], axis=1)
-    dense_step = jax.jit(make_train_step(group, config, scale=1.0, target_mean_square=2.0))
-    sparse_step = jax.jit(make_train_step(group, config, scale=1.0, target_mean_square=2.0, use_sparse=True))
-    dense_state, sparse_state = state, state
-    for _ in range(5):
-        dense_state, dense_metrics = dense_step(dense_state, rows)
-        sparse_state, sparse_metrics = sparse_step(sparse_state, rows)
+    dense_state, dense_metrics, sparse_state, sparse_metrics = train_both_ways(group, config, state, rows)
     assert sparse_metrics["sparse_step"].all() and not dense_metrics["sparse_step"].any()
     np.testing.assert_allclose(sparse_metrics["l0"], dense_metrics["l0"])
     np.testing.assert_allclose(sparse_metrics["fvu"], dense_metrics["fvu"], rtol=1e-5)
-    for dense_p, sparse_p, initial in zip(dense_state.params, sparse_state.params, state.params, strict=True):
-        for field in dense_p._fields:
-            if getattr(dense_p, field) is None:
-                continue
-            assert not np.allclose(getattr(dense_p, field), getattr(initial, field)), field  # it trained
-            np.testing.assert_allclose(getattr(sparse_p, field), getattr(dense_p, field), rtol=1e-4, atol=1e-6,
-                                       err_msg=field)
+    assert_same_trained_params(dense_state.params, sparse_state.params, state.params)

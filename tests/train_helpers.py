@@ -58,3 +58,45 @@ def committed_steps(run_dir, job: str) -> list[int]:
         return []
     return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()
                   and (p / "checksums.json").exists())
+
+
+def assert_same_grads(got, expected_grads, rtol: float = 1e-4) -> None:
+    """Every gradient field of `got` equals `expected_grads`' (None where it is None, and
+    each expected one non-zero, so the comparison has something to check)."""
+    for field in expected_grads._fields:
+        expected = getattr(expected_grads, field)
+        if expected is None:
+            assert getattr(got, field) is None, field
+            continue
+        expected = np.asarray(expected)
+        assert np.abs(expected).max() > 0, field
+        np.testing.assert_allclose(np.asarray(getattr(got, field)), expected, rtol=rtol,
+                                   atol=1e-5 * np.abs(expected).max(), err_msg=field)
+
+
+def assert_same_trained_params(dense_params, sparse_params, initial_params) -> None:
+    """Two paths' parameters after training agree, and training moved every one of them."""
+    for dense_p, sparse_p, initial in zip(dense_params, sparse_params, initial_params, strict=True):
+        for field in dense_p._fields:
+            if getattr(dense_p, field) is None:
+                continue
+            assert not np.allclose(getattr(dense_p, field), getattr(initial, field)), field
+            np.testing.assert_allclose(getattr(sparse_p, field), getattr(dense_p, field), rtol=1e-4, atol=1e-6,
+                                       err_msg=field)
+
+
+def train_both_ways(group, config, state, rows, steps: int = 5, target_mean_square: float = 2.0):
+    """(dense state, its last metrics, sparse state, its last metrics): `steps` training steps
+    from `state` on the same rows, without and with the sparse path allowed."""
+    import jax
+
+    from gemmascope.train.group import make_train_step
+
+    dense_step = jax.jit(make_train_step(group, config, scale=1.0, target_mean_square=target_mean_square))
+    sparse_step = jax.jit(make_train_step(group, config, scale=1.0, target_mean_square=target_mean_square,
+                                          use_sparse=True))
+    dense_state, sparse_state = state, state
+    for _ in range(steps):
+        dense_state, dense_metrics = dense_step(dense_state, rows)
+        sparse_state, sparse_metrics = sparse_step(sparse_state, rows)
+    return dense_state, dense_metrics, sparse_state, sparse_metrics

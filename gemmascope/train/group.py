@@ -4,7 +4,8 @@ Each SAE of the group (any widths and architectures, each with its own sparsity 
 has its own parameters; the batch is converted and normalised once and shared by all of
 them, and the summed loss gives each SAE exactly its own gradient because no parameter
 is shared. Plain JumpReLU SAEs take the hand-written fused/sparse backward pass; the
-other architectures take `jax.value_and_grad` of `arch.sae_loss` with their rule.
+other architectures take `jax.value_and_grad` of `arch.sae_loss` with their rule (on the
+CPU, target-L0 JumpReLU and the TopK family take sparse steps when their activity fits).
 
 A transcoder group (`d_out` set) reads paired rows [input | target], both divided by the
 input's constant C (SPEC.md 5); its JumpReLU members (skip or not) take the same fused and

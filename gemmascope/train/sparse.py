@@ -11,7 +11,8 @@ dense one otherwise, inside one compiled program (`lax.cond`); both give the sam
 values and gradients.
 
 JumpReLU transcoders (SPEC.md 5) take the same step with their target y: the kernels'
-inputs are then x itself (no pre-encoder bias) and their errors y_hat - y.
+inputs are then x itself (no pre-encoder bias) and their errors y_hat - y. Target-L0
+JumpReLU SAEs and transcoders take it with their rule's penalty (`pairs_value_and_grad`).
 
 The kernels of `sparse_kernels` run on the host through `host_call`, so the sparse
 branch serves a single CPU device (a host training one job); with a GPU, TPU or a
