@@ -24,7 +24,7 @@ import optax
 from gemmascope.config import TrainConfig, sae_name
 from gemmascope.train import arch, sparse, sparse_topk
 from gemmascope.train.architectures import ESTIMATED, JUMPRELU, init_member, rule
-from gemmascope.train.jumprelu import encode_pre_matmul
+from gemmascope.train.jumprelu import encode_pre
 from gemmascope.train.mesh import tree_shardings
 from gemmascope.train.optim import (
     make_optimizer,
@@ -198,7 +198,9 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
     def target_l0_step(params, x, y, knob, width, lam, dead) -> MemberStep:
         target_l0 = rule("jumprelu_target_l0", knob, width, config, lam)
         capacity = sparse.capacity(width, config)
-        pre = encode_pre_matmul(params, x, config.matmul_dtype, transcoder=group.transcoder)
+        # One encoder matmul for both branches: the autodiff fallback continues from its vjp.
+        encoded = jax.vjp(lambda p: (arch.transcoder_pre if group.transcoder else encode_pre)(p, x), params)
+        pre = encoded[0]
         chosen, needed = sparse.select(params, pre, config.bandwidth, capacity)
 
         def sparse_member_step() -> MemberStep:
@@ -209,7 +211,7 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
                               jnp.ones((), bool), terms)
 
         return jax.lax.cond(needed <= capacity, sparse_member_step,
-                            lambda: rule_step(params, x, y, knob, width, lam, "jumprelu_target_l0", dead))
+                            lambda: rule_step(params, x, y, knob, width, lam, "jumprelu_target_l0", dead, encoded))
 
     def topk_step(params, x, knob, dead) -> MemberStep:
         pre, chosen, f_k = sparse_topk.topk_pairs(params, x, int(knob))
@@ -230,13 +232,22 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
         return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired,
                           jnp.ones((), bool), {**aux_terms, **terms})
 
-    def rule_step(params, x, y, knob, width, lam, architecture, dead) -> MemberStep:
+    def rule_step(params, x, y, knob, width, lam, architecture, dead, encoded=None) -> MemberStep:
+        """Autodiff of the wiring's loss; `encoded` = (pre, its vjp) when the caller already
+        ran the encoder matmul, so the loss is differentiated from the pre-activations on."""
         chosen = rule(architecture, knob, width, config, lam)
-        if group.transcoder:
-            loss_fn = jax.value_and_grad(lambda p: arch.transcoder_loss(chosen, p, x, y, dead), has_aux=True)
+        if encoded is not None:
+            pre, pre_vjp = encoded
+            offset = (lambda p: arch.transcoder_offset(p, x)) if group.transcoder else (lambda p: p.b_dec)
+            (_, out), (direct, d_pre) = jax.value_and_grad(
+                lambda p, pre: chosen.loss(p, pre, offset(p), y, dead), argnums=(0, 1), has_aux=True)(params, pre)
+            grads = jax.tree.map(jnp.add, direct, pre_vjp(d_pre)[0])
         else:
-            loss_fn = jax.value_and_grad(lambda p: arch.sae_loss(chosen, p, x, dead), has_aux=True)
-        (_, out), grads = loss_fn(params)
+            if group.transcoder:
+                loss_fn = jax.value_and_grad(lambda p: arch.transcoder_loss(chosen, p, x, y, dead), has_aux=True)
+            else:
+                loss_fn = jax.value_and_grad(lambda p: arch.sae_loss(chosen, p, x, dead), has_aux=True)
+            (_, out), grads = loss_fn(params)
         return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired,
                           jnp.zeros((), bool), out.terms)
 
