@@ -13,6 +13,8 @@ import pytest
 from gemmascope.config import TrainConfig
 from gemmascope.train import arch, sparse_kernels, sparse_topk
 from gemmascope.train.group import Group, dead_steps, init_state, make_train_step
+from gemmascope.train.jumprelu import encode_pre
+from tests.train_helpers import assert_same_trained_params
 
 D_IN, WIDTH, BATCH, K, AUX_K = 24, 256, 160, 6, 20
 
@@ -101,10 +103,10 @@ def test_values_and_gradients_equal_autodiff(rule, dead_share):
         pairs = jax.jit(lambda p: sparse_topk.topk_pairs(p, x, K))
     elif rule == "batchtopk":
         chosen_rule = arch.BatchTopK(k=K, aux_k=AUX_K, aux_coefficient=0.5)
-        pairs = jax.jit(lambda p: sparse_topk.batch_topk_pairs(p, x, K, WIDTH // 4)[:3])
+        pairs = jax.jit(lambda p: (pre := encode_pre(p, x), *sparse_topk.batch_topk_pairs(pre, K, WIDTH // 4)[:2]))
     else:
         chosen_rule = arch.MatryoshkaBatchTopK(k=K, prefixes=PREFIXES, aux_k=AUX_K, aux_coefficient=0.5)
-        pairs = jax.jit(lambda p: sparse_topk.batch_topk_pairs(p, x, K, WIDTH // 4)[:3])
+        pairs = jax.jit(lambda p: (pre := encode_pre(p, x), *sparse_topk.batch_topk_pairs(pre, K, WIDTH // 4)[:2]))
         prefixes = PREFIXES
     (loss, out), grads = jax.value_and_grad(lambda p: arch.sae_loss(chosen_rule, p, x, dead), has_aux=True)(params)
     got_loss, got, got_grads, terms = jax.jit(
@@ -182,9 +184,11 @@ def test_a_batch_whose_busiest_row_overflows_takes_the_dense_batchtopk_step():
     config = TrainConfig(tokens=BATCH * 100, batch_size=BATCH, shuffle_rows=BATCH, sparse_max_density=0.05)
     group = Group.of(D_IN, [(WIDTH, K)], ["batchtopk"])
     state = init_state(group, config, jax.random.key(0))._replace(params=(params,))
-    _, chosen, _, most, _ = sparse_topk.batch_topk_pairs(params, x, K, 12)
+    _, _, most, _ = sparse_topk.batch_topk_pairs(encode_pre(params, x), K, 12)
     assert int(most) > 12  # the capacity of width 256 at 5%
-    _, sparse_metrics = jax.jit(make_train_step(group, config, scale=1.0, use_sparse=True))(state, x)
-    _, dense_metrics = jax.jit(make_train_step(group, config, scale=1.0))(state, x)
+    sparse_state, sparse_metrics = jax.jit(make_train_step(group, config, scale=1.0, use_sparse=True))(state, x)
+    dense_state, dense_metrics = jax.jit(make_train_step(group, config, scale=1.0))(state, x)
     assert not sparse_metrics["sparse_step"].any()
     np.testing.assert_allclose(sparse_metrics["loss"], dense_metrics["loss"], rtol=1e-6)
+    # The dense branch continues from the encoder matmul the pair selection ran: same update.
+    assert_same_trained_params(dense_state.params, sparse_state.params, state.params)

@@ -96,6 +96,12 @@ class MemberStep(NamedTuple):
     sparse_step: jax.Array  # whether the sparse JumpReLU path ran
     terms: dict[str, jax.Array]  # the architecture's own terms (`arch.Outputs.terms`)
 
+    @classmethod
+    def of(cls, grads, out, sparse_step: jax.Array | bool, terms: dict[str, jax.Array]) -> MemberStep:
+        """From a path's diagnostics (`jumprelu.Outputs` or `arch.Outputs`, which share these fields)."""
+        return cls(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired,
+                   jnp.asarray(sparse_step, bool), terms)
+
 
 def _labels(params: tuple):
     """"threshold" on log-thresholds (their own learning rate), "main" elsewhere, nothing
@@ -193,7 +199,7 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
         _, out, grads, took = sparse.value_and_grad(params, x, knob * lam, config.bandwidth, config.matmul_dtype,
                                                     sparse.capacity(width, config) if use_sparse else None,
                                                     y if group.transcoder else None)
-        return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired, took, {})
+        return MemberStep.of(grads, out, took, {})
 
     def target_l0_step(params, x, y, knob, width, lam, dead) -> MemberStep:
         target_l0 = rule("jumprelu_target_l0", knob, width, config, lam)
@@ -207,8 +213,7 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
             _, out, grads, terms = sparse.pairs_value_and_grad(params, x, y if group.transcoder else None, pre,
                                                                chosen, target_l0.penalty, bandwidth=config.bandwidth,
                                                                tail=True)
-            return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired,
-                              jnp.ones((), bool), terms)
+            return MemberStep.of(grads, out, True, terms)
 
         return jax.lax.cond(needed <= capacity, sparse_member_step,
                             lambda: rule_step(params, x, y, knob, width, lam, "jumprelu_target_l0", dead, encoded))
@@ -220,17 +225,18 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
     def batchtopk_step(params, x, knob, width, lam, dead, architecture) -> MemberStep:
         capacity = sparse.capacity(width, config)
         prefixes = getattr(rule(architecture, knob, width, config, lam), "prefixes", ())
-        pre, chosen, f_k, most, kept_minimum = sparse_topk.batch_topk_pairs(params, x, int(knob), capacity)
+        encoded = jax.vjp(lambda p: encode_pre(p, x), params)
+        pre = encoded[0]
+        chosen, f_k, most, kept_minimum = sparse_topk.batch_topk_pairs(pre, int(knob), capacity)
         return jax.lax.cond(most <= capacity,
                             lambda: sparse_member(params, x, pre, chosen, f_k, dead, {"kept_minimum": kept_minimum},
                                                   prefixes),
-                            lambda: rule_step(params, x, x, knob, width, lam, architecture, dead))
+                            lambda: rule_step(params, x, x, knob, width, lam, architecture, dead, encoded))
 
     def sparse_member(params, x, pre, chosen, f_k, dead, terms, prefixes=()) -> MemberStep:
         _, out, grads, aux_terms = sparse_topk.value_and_grad(params, x, pre, chosen, f_k, config.aux_k,
                                                               config.aux_coefficient, dead, prefixes)
-        return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired,
-                          jnp.ones((), bool), {**aux_terms, **terms})
+        return MemberStep.of(grads, out, True, {**aux_terms, **terms})
 
     def rule_step(params, x, y, knob, width, lam, architecture, dead, encoded=None) -> MemberStep:
         """Autodiff of the wiring's loss; `encoded` = (pre, its vjp) when the caller already
@@ -248,8 +254,7 @@ def member_steps(group: Group, config: TrainConfig, *, use_sparse: bool = False)
             else:
                 loss_fn = jax.value_and_grad(lambda p: arch.sae_loss(chosen, p, x, dead), has_aux=True)
             (_, out), grads = loss_fn(params)
-        return MemberStep(grads, out.loss, out.mse, out.l0, out.error_sum / out.total_variance, out.fired,
-                          jnp.zeros((), bool), out.terms)
+        return MemberStep.of(grads, out, False, out.terms)
 
     def steps(params: tuple, since_fired: tuple, x: jax.Array, y: jax.Array, lam: jax.Array) -> list[MemberStep]:
         results = []

@@ -45,17 +45,17 @@ def topk_pairs(params: Params, x: jax.Array, k: int) -> tuple[jax.Array, jax.Arr
     return (pre, *_row_pairs(pre, jnp.ones(pre.shape[1:], bool), k))
 
 
-def batch_topk_pairs(params: Params, x: jax.Array, k: int, capacity: int
-                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(pre-activations, [batch, capacity] each row's kept latents under the batch rule,
-    -1 after its last, their latents relu(pre), the most any row keeps (which may exceed
-    the capacity), the smallest kept activation)."""
-    pre = encode_pre_matmul(params, x, "float32")
+def batch_topk_pairs(pre: jax.Array, k: int, capacity: int
+                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """([batch, capacity] each row's kept latents under the batch rule, -1 after its last,
+    their latents relu(pre), the most any row keeps (which may exceed the capacity), the
+    smallest kept activation), from the pre-activations: the caller encodes, so a batch
+    that overflows the capacity continues from the same encoder matmul on the dense path."""
     batch = pre.shape[0]
     chosen, most, kept_minimum = run_kernel(
         "batch_top_k", [jax.ShapeDtypeStruct((batch, capacity), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
                         jax.ShapeDtypeStruct((), jnp.float32)], pre, jnp.asarray(batch * k, jnp.int32))
-    return pre, chosen, _values(pre, chosen), most, kept_minimum
+    return chosen, _values(pre, chosen), most, kept_minimum
 
 
 def value_and_grad(params: Params, x: jax.Array, pre: jax.Array, chosen: jax.Array, f_k: jax.Array, aux_k: int,
