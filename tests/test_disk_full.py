@@ -147,6 +147,7 @@ def ledger_size(ledger: dict, units: list[str]) -> int:
     return len(json.dumps(partial, indent=1, sort_keys=True)) + 1
 
 
+@pytest.mark.slow  # three harvests; the default suite fills the disk under the other writers
 @pytest.mark.ray
 def test_harvest_ledger_past_the_limit_keeps_committed_units(ray_address, tmp_path):
     tiny = str(ROOT / "configs" / "tiny-gemma2.yaml")

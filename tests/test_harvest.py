@@ -138,6 +138,7 @@ def kill_driver_after(run_dir, ray_address: str, units: int) -> list[str]:
     return args
 
 
+@pytest.mark.slow  # the default suite kills the driver at a ledger commit (tests/test_chaos.py)
 def test_driver_killed_mid_run_resumes_to_identical_store(reference_long, ray_address, tmp_path):
     run_dir = tmp_path / "killed-driver"
     args = kill_driver_after(run_dir, ray_address, units=3)
