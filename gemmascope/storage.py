@@ -311,7 +311,9 @@ def check_writable(url: str) -> None:
     try:
         write_bytes_atomic(probe, b"")
         fs, path = filesystem(probe)
-        fs.rm_file(path)
+        # A delete whose answer was lost is retried and finds nothing: the probe is gone.
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(path)
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - reported with the URL

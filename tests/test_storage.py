@@ -248,6 +248,24 @@ def test_check_writable_on_gcs_leaves_nothing(gcs_bucket):
     assert storage.glob(storage.join(url, "*")) == []
 
 
+def test_check_writable_on_gcs_when_the_probe_delete_answer_was_lost(gcs_bucket, monkeypatch):
+    """The probe's DELETE lands but its answer is lost, so the retry finds no object (a
+    5%-fault harvest rerun stopped on this with "not writable"): the location is writable."""
+    url = storage.join(gcs_bucket, "run")
+    fs, _ = storage.filesystem(url)  # fsspec's cached instance, the one check_writable gets
+    delete, deletes = fs.rm_file, []
+
+    def delete_then_retry(path, *args, **kwargs):
+        delete(path, *args, **kwargs)
+        deletes.append(path)
+        return delete(path, *args, **kwargs)  # the retry: FileNotFoundError from the emulator
+
+    monkeypatch.setattr(fs, "rm_file", delete_then_retry)
+    storage.check_writable(url)
+    assert len(deletes) == 1
+    assert storage.glob(storage.join(url, "*")) == []
+
+
 def test_check_writable_under_a_regular_file_names_the_path(tmp_path):
     (tmp_path / "afile").write_text("not a directory")
     url = str(tmp_path / "afile" / "sub")
