@@ -48,6 +48,10 @@ class FaultProxy:
         self._counts: Counter = Counter()
         self._turns: Counter = Counter()  # faults injected so far per kinds setting
         self._due = 0.0  # the fraction of a fault owed to the requests seen since the last one
+        # GCS answers a request to a finished resumable upload with the object it made; the
+        # emulator answers 404. A truncated answer to an upload's last chunk makes the client
+        # ask again, so the proxy keeps each finished upload's answer and gives it, as GCS would.
+        self._finished_uploads: dict[str, tuple[int, list[tuple[str, str]], bytes]] = {}
         self.set(rate, kinds)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
@@ -110,10 +114,17 @@ class FaultProxy:
                 connection.putheader(key, value)
             connection.endheaders(body or None)
             response = connection.getresponse()
-            data = response.read()
-            return response.status, response.getheaders(), data
+            answer = response.status, response.getheaders(), response.read()
         finally:
             connection.close()
+        upload = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query).get("upload_id")
+        if upload and method == "PUT":
+            with self._lock:
+                if answer[0] in (200, 201):
+                    self._finished_uploads[upload[0]] = answer
+                elif answer[0] == 404 and upload[0] in self._finished_uploads:
+                    return self._finished_uploads[upload[0]]
+        return answer
 
 
 def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
